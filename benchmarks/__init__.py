@@ -1,0 +1,1 @@
+"""Benchmarks and the scale-data generator they run on (data goes under ``.mlops/``)."""

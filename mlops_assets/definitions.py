@@ -1,0 +1,16 @@
+"""The Dagster code location: every stage's assets and checks, and the resources."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from mlops_assets.explore import assets as explore
+from mlops_assets.features import assets as features
+from mlops_assets.ingest import assets as ingest
+from mlops_assets.validate import assets as validate
+from resources import default_resources
+
+defs = dg.Definitions(
+    assets=[*ingest.assets, *validate.assets, *explore.assets, *features.assets],
+    resources=default_resources(),
+)

@@ -1,0 +1,37 @@
+"""Typed Dagster resources: the sources, the warehouse and its IO manager."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import dagster as dg
+
+from resources.database import ReferenceDatabaseResource
+from resources.files import LandingFilesResource
+from resources.settings import mlops_paths
+from resources.warehouse import WarehouseIOManager, WarehouseResource
+from resources.weather import WeatherSourceResource
+
+
+def _env(name: str) -> Any:
+    """``dg.EnvVar(name)`` when it is set (resolved by Dagster, never logged), else ``""``."""
+    return dg.EnvVar(name) if os.environ.get(name) else ""
+
+
+def default_resources() -> dict[str, Any]:
+    """The embedded defaults under ``MLOPS_HOME``; URLs and secrets only from the environment."""
+    paths = mlops_paths()
+    warehouse = WarehouseResource(root=str(paths.warehouse), reports_root=str(paths.reports))
+    return {
+        "landing": LandingFilesResource(landing_dir=str(paths.landing)),
+        "reference_db": ReferenceDatabaseResource(
+            url=_env("MLOPS_REFERENCE_DB_URL"),
+            sqlite_path=str(paths.sources / "reference.sqlite"),
+        ),
+        "weather_api": WeatherSourceResource(
+            base_url=_env("MLOPS_WEATHER_API_URL"), api_token=_env("MLOPS_WEATHER_API_TOKEN")
+        ),
+        "warehouse": warehouse,
+        "io_manager": WarehouseIOManager(warehouse=warehouse),
+    }

@@ -1,0 +1,75 @@
+"""The asset graph is pinned: a change to the lineage shows up as a diff here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from mlops_assets.definitions import defs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+EXPECTED: dict[str, tuple[str, set[str]]] = {
+    "raw_flights": ("ingest", set()),
+    "raw_weather": ("ingest", set()),
+    "raw_planes": ("ingest", set()),
+    "raw_airports": ("ingest", set()),
+    "raw_airlines": ("ingest", set()),
+    "flights": ("validate", {"raw_flights"}),
+    "weather": ("validate", {"raw_weather"}),
+    "planes": ("validate", {"raw_planes"}),
+    "airports": ("validate", {"raw_airports"}),
+    "airlines": ("validate", {"raw_airlines"}),
+    "eda_report": ("explore", {"flights", "weather", "planes", "airlines"}),
+    "flight_features": ("features", {"flights", "weather", "planes"}),
+    "training_set": ("features", {"flight_features"}),
+}
+MONTHLY = {"raw_flights", "raw_weather", "flights", "weather", "flight_features"}
+BLOCKING_CHECKS = {
+    (table, "quarantine_share_below_threshold")
+    for table in ("flights", "weather", "planes", "airports", "airlines")
+}
+
+
+def test_asset_graph_is_pinned() -> None:
+    graph = defs.resolve_asset_graph()
+    keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert keys == set(EXPECTED)
+    for name, (group, deps) in EXPECTED.items():
+        node = graph.get(dg.AssetKey(name))
+        assert node.group_name == group, name
+        assert {k.to_user_string() for k in node.parent_keys} == deps, name
+        assert (node.partitions_def is not None) == (name in MONTHLY), name
+        assert node.description, f"{name} has no description for the UI"
+
+
+def test_checks_are_pinned_and_blocking() -> None:
+    graph = defs.resolve_asset_graph()
+    checks = {
+        (key.asset_key.to_user_string(), key.name): graph.get_check_spec(key)
+        for key in graph.asset_check_keys
+    }
+    assert set(checks) == BLOCKING_CHECKS
+    assert all(spec.blocking for spec in checks.values())
+
+
+def test_monthly_partitions_cover_2013() -> None:
+    node = defs.resolve_asset_graph().get(dg.AssetKey("raw_flights"))
+    keys = node.partitions_def.get_partition_keys()
+    assert keys == [f"2013-{m:02d}" for m in range(1, 13)]
+
+
+def test_dagster_definitions_validate_passes_on_the_workspace(tmp_path: Path) -> None:
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "MLOPS_HOME": str(tmp_path / "m")}
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), "definitions", "validate",
+         "-w", str(ROOT / "workspace.yaml")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Validation successful" in result.stdout + result.stderr
