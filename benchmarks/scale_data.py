@@ -197,9 +197,7 @@ def flights_base(flights: pl.DataFrame) -> dict[int, MonthBase]:
     return bases
 
 
-def replay_flights(
-    base: MonthBase, n_rows: int, year: int, month: int, seed: int
-) -> pl.DataFrame:
+def replay_flights(base: MonthBase, n_rows: int, year: int, month: int, seed: int) -> pl.DataFrame:
     """Bootstrap ``n_rows`` flights of ``month`` for replay ``year``, with noise and drift."""
     weights = base.sizes.astype(np.float64)
     for drift in DRIFT_SCHEDULE:
@@ -347,8 +345,10 @@ def generate(rows: int, out: Path, seed: int, *, force: bool = False) -> dict[st
     month_sizes = np.array([f_base[m].rows.height for m in range(1, 13)], dtype=np.float64)
     mix_carriers = sorted({c for d in DRIFT_SCHEDULE for c, _ in d.carrier_weights})
     loaded = time.perf_counter()
-    print(f"base: {flights.height:,} flights, {weather.height:,} weather rows "
-          f"({loaded - started:.1f} s); {n_years} replay years {years[0]}-{years[-1]}")  # fmt: skip
+    print(
+        f"base: {flights.height:,} flights, {weather.height:,} weather rows "
+        f"({loaded - started:.1f} s); {n_years} replay years {years[0]}-{years[-1]}"
+    )
 
     stats: list[dict[str, Any]] = []
     written = weather_rows = 0
@@ -410,15 +410,18 @@ def generate(rows: int, out: Path, seed: int, *, force: bool = False) -> dict[st
         "noise": {
             "delays": f"dep_delay/arr_delay + round(z * {DELAY_NOISE_FRACTION} * group std), "
             f"one z per row, clipped to {list(DELAY_RANGE)}",
-            "weather": {c: f"+ N(0, {WEATHER_NOISE_FRACTION} * origin x month std)"
-                        for c in WEATHER_NOISE},  # fmt: skip
+            "weather": {
+                c: f"+ N(0, {WEATHER_NOISE_FRACTION} * origin x month std)" for c in WEATHER_NOISE
+            },
         },
         "events": events,
         "implicit": list(IMPLICIT_DRIFT),
     }
     write_text_atomic(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", out / "drift.json")
-    print(f"wrote {written:,} flights ({len(all_months)} months, {weather_rows:,} weather rows) "
-          f"to {out} in {elapsed:.1f} s")  # fmt: skip
+    print(
+        f"wrote {written:,} flights ({len(all_months)} months, {weather_rows:,} weather rows) "
+        f"to {out} in {elapsed:.1f} s"
+    )
     return manifest
 
 

@@ -130,5 +130,27 @@ def up(
         raise typer.Exit(code=1)
 
 
+@app.command("weather-api")
+def weather_api(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8001,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+) -> None:
+    """Serve the package's hourly weather as the paginated JSON API the weather source reads.
+
+    Point the pipeline at it with MLOPS_WEATHER_API_URL=http://HOST:PORT; a bearer token is
+    required when MLOPS_WEATHER_API_TOKEN is set.
+    """
+    from resources.weather_api_server import WeatherApiServer
+
+    server = WeatherApiServer((host, port), token=os.environ.get("MLOPS_WEATHER_API_TOKEN", ""))
+    _echo(f"weather API on http://{host}:{server.server_address[1]}/weather?month=2013-01")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 if __name__ == "__main__":
     app()

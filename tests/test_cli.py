@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import polars as pl
+import psutil
 
 from resources.package_data import read_package_table
 
@@ -46,3 +51,48 @@ def test_land_refuses_a_month_twice_and_bad_months(tmp_path: Path) -> None:
         assert result.returncode == 2, bad
         assert message in result.stderr, (bad, result.stderr)
     assert sorted(p.name for p in (tmp_path / "landing").iterdir()) == ["flights_2013-04.csv"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _children(pid: int) -> set[int]:
+    return {p.pid for p in psutil.Process(pid).children(recursive=True)}
+
+
+def test_up_serves_the_ui_on_loopback_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "MLOPS_HOME": str(tmp_path / "m")}
+    env.pop("DAGSTER_HOME", None)
+    proc = subprocess.Popen([MLOPS, "up", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        body = b""
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info") as r:
+                    body = r.read()
+                    break
+            except OSError:
+                time.sleep(1)
+        assert b"dagster_webserver_version" in body
+        children = _children(proc.pid)
+        assert len(children) >= 2  # webserver and daemon (and their code servers)
+        listening = {
+            c.laddr.ip for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        }  # fmt: skip
+        assert listening == {"127.0.0.1"}
+        landed = sorted(p.name for p in (tmp_path / "m" / "landing").iterdir())
+        assert landed == [f"flights_2013-0{m}.csv" for m in range(1, 7)]
+        assert (tmp_path / "m" / "dagster" / "dagster.yaml").exists()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    time.sleep(1)
+    assert not [pid for pid in children if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]  # fmt: skip

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import re
 from pathlib import Path
 
@@ -13,13 +12,7 @@ import pytest
 
 from mlops_assets.explore.assets import eda_report
 from mlops_assets.explore.report import EdaReport, build_eda_report
-from resources.files import read_landed_bytes
-from resources.package_data import (
-    INFER_SCHEMA_LENGTH,
-    NULL_VALUES,
-    package_file,
-    read_package_table,
-)
+from resources.package_data import read_package_table
 from resources.warehouse import WarehouseIOManager, WarehouseResource
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -30,24 +23,14 @@ WEATHER_FLOATS = (
 Tables = dict[str, pl.DataFrame]
 
 
-def _package_flights() -> pl.DataFrame:
-    try:
-        return read_package_table("flights")
-    except pl.exceptions.ComputeError:
-        # Some polars versions cannot read the zipped CSV directly: unzip it the way the
-        # landing source does, with the same schema inference and null markers.
-        raw = read_landed_bytes(package_file("flights.csv.zip"))
-        return pl.read_csv(
-            io.BytesIO(raw), infer_schema_length=INFER_SCHEMA_LENGTH, null_values=NULL_VALUES
-        )
-
-
 @pytest.fixture(scope="module")
 def tables() -> Tables:
     """All four tables typed as the validate stage delivers them."""
     utc = pl.col("time_hour").str.to_datetime(time_zone="UTC")
     return {
-        "flights": _package_flights().with_columns(utc, pl.col(FLIGHT_FLOATS).cast(pl.Float64)),
+        "flights": read_package_table("flights").with_columns(
+            utc, pl.col(FLIGHT_FLOATS).cast(pl.Float64)
+        ),
         "weather": read_package_table("weather").with_columns(
             utc, pl.col(WEATHER_FLOATS).cast(pl.Float64)
         ),

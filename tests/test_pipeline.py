@@ -158,7 +158,7 @@ def test_blocking_check_fails_the_partition_and_stops_downstream(
         .alias("distance")
     )  # fmt: skip
     broken.write_csv(landed)
-    assert materialize(REFERENCE[:1] + ["planes"], instance, resources).success
+    assert materialize([*REFERENCE[:1], "planes"], instance, resources).success
     result = materialize(MONTHLY, instance, resources, partition="2013-01")
     assert not result.success
     check = next(

@@ -1,6 +1,5 @@
 """Features: flights joined with origin weather and planes, and time-based model splits."""
 
-
 import dagster as dg
 import polars as pl
 

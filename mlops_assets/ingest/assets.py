@@ -1,6 +1,5 @@
 """Raw data from the three kinds of source: landed files, a SQL database and an HTTP API."""
 
-
 import dagster as dg
 import polars as pl
 
@@ -51,6 +50,7 @@ def _reference_asset(table: str) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, reference_db: ReferenceDatabaseResource
     ) -> pl.DataFrame:
         return _record(context, reference_db.read_table(table))
+
     return _asset
 
 

@@ -1,6 +1,5 @@
 """Validated tables: typed rows that pass their pandera schema; the rest go to quarantine."""
 
-
 from collections.abc import Iterator
 
 import dagster as dg
@@ -105,6 +104,7 @@ def _validated_asset(spec: TableSpec, partitioned: bool) -> dg.AssetsDefinition:
                 "rows_in": dg.MetadataValue.int(outcome.rows_in),
             },
         )
+
     return _asset
 
 
