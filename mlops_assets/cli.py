@@ -130,6 +130,30 @@ def up(
         raise typer.Exit(code=1)
 
 
+@app.command()
+def rollback() -> None:
+    """Move the champion back to the previous champion (runs the rollback job in Dagster)."""
+    import dagster as dg
+
+    from mlops_assets.definitions import defs
+
+    os.environ.setdefault("DAGSTER_HOME", str(_dagster_home()))
+    registry = defs.resources["registry"]
+    before = registry.aliases()
+    if before["previous_champion"] is None:
+        _echo("error: nothing to roll back to: there is no previous champion")
+        raise typer.Exit(code=2)
+    with dg.DagsterInstance.get() as instance:
+        result = defs.get_job_def("rollback_job").execute_in_process(
+            instance=instance, raise_on_error=False
+        )
+    if not result.success:
+        failure = result.get_step_failure_events()[0].event_specific_data.error
+        _echo(f"error: rollback failed: {failure.message}")
+        raise typer.Exit(code=1)
+    typer.echo(f"champion is now {registry.champion()} (was {before['champion']})")
+
+
 @app.command("weather-api")
 def weather_api(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8001,

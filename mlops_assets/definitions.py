@@ -1,16 +1,26 @@
-"""The Dagster code location: every stage's assets and checks, and the resources."""
+"""The Dagster code location: every stage's assets, checks and jobs, and the resources."""
 
 from __future__ import annotations
 
 import dagster as dg
 
+from mlops_assets.evaluate import assets as evaluate
 from mlops_assets.explore import assets as explore
 from mlops_assets.features import assets as features
 from mlops_assets.ingest import assets as ingest
+from mlops_assets.train import assets as train
 from mlops_assets.validate import assets as validate
 from resources import default_resources
 
 defs = dg.Definitions(
-    assets=[*ingest.assets, *validate.assets, *explore.assets, *features.assets],
+    assets=[
+        *ingest.assets,
+        *validate.assets,
+        *explore.assets,
+        *features.assets,
+        *train.assets,
+        *evaluate.assets,
+    ],
+    jobs=evaluate.jobs,
     resources=default_resources(),
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import dagster as dg
 import polars as pl
 
@@ -28,3 +30,28 @@ def table_metadata(frame: pl.DataFrame, preview_rows: int = 5) -> dict[str, dg.M
         "columns": dg.MetadataValue.int(frame.width),
         "preview": dg.MetadataValue.md(markdown_table(frame, preview_rows)),
     }
+
+
+def latest_materialization(
+    instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None
+) -> dg.AssetMaterialization | None:
+    """The newest materialization of ``key`` (one partition of it, when given)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None),
+        limit=1,
+    ).records
+    return records[0].asset_materialization if records else None
+
+
+def latest_metadata_value(
+    instance: dg.DagsterInstance, key: dg.AssetKey, name: str, partition: str | None = None
+) -> object | None:
+    materialization = latest_materialization(instance, key, partition)
+    if materialization is None or name not in materialization.metadata:
+        return None
+    return materialization.metadata[name].value
+
+
+def png_markdown(png: bytes, alt: str) -> str:
+    """A PNG embedded in markdown metadata (the Dagster UI renders data URIs)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"

@@ -9,6 +9,7 @@ import dagster as dg
 
 from resources.database import ReferenceDatabaseResource
 from resources.files import LandingFilesResource
+from resources.registry import ModelRegistryResource
 from resources.settings import mlops_paths
 from resources.warehouse import WarehouseIOManager, WarehouseResource
 from resources.weather import WeatherSourceResource
@@ -33,5 +34,6 @@ def default_resources() -> dict[str, Any]:
             base_url=_env("MLOPS_WEATHER_API_URL"), api_token=_env("MLOPS_WEATHER_API_TOKEN")
         ),
         "warehouse": warehouse,
+        "registry": ModelRegistryResource(root=str(paths.registry)),
         "io_manager": WarehouseIOManager(warehouse=warehouse),
     }

@@ -28,6 +28,10 @@ class Paths:
         return self.home / "sources"
 
     @property
+    def registry(self) -> Path:
+        return self.home / "registry"
+
+    @property
     def logs(self) -> Path:
         return self.home / "logs"
 

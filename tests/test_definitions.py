@@ -27,12 +27,16 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "eda_report": ("explore", {"flights", "weather", "planes", "airlines"}),
     "flight_features": ("features", {"flights", "weather", "planes"}),
     "training_set": ("features", {"flight_features"}),
+    "challenger_model": ("train", {"training_set"}),
+    "frozen_eval_set": ("evaluate", {"training_set"}),
+    "model_evaluation": ("evaluate", {"training_set", "frozen_eval_set", "challenger_model"}),
+    "champion_model": ("evaluate", {"model_evaluation"}),
 }
 MONTHLY = {"raw_flights", "raw_weather", "flights", "weather", "flight_features"}
 BLOCKING_CHECKS = {
     (table, "quarantine_share_below_threshold")
     for table in ("flights", "weather", "planes", "airports", "airlines")
-}
+} | {("model_evaluation", "promotion_gate")}
 
 
 def test_asset_graph_is_pinned() -> None:
@@ -55,6 +59,11 @@ def test_checks_are_pinned_and_blocking() -> None:
     }
     assert set(checks) == BLOCKING_CHECKS
     assert all(spec.blocking for spec in checks.values())
+
+
+def test_jobs_are_pinned() -> None:
+    jobs = {job.name for job in defs.resolve_all_job_defs()} - {"__ASSET_JOB"}
+    assert jobs == {"rollback_job"}
 
 
 def test_monthly_partitions_cover_2013() -> None:

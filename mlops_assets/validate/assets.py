@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import dagster as dg
 import polars as pl
 
-from mlops_assets.metadata import markdown_table, table_metadata
+from mlops_assets.metadata import latest_metadata_value, markdown_table, table_metadata
 from mlops_assets.partitions import MONTHLY
 from mlops_assets.validate.quarantine import validate_table
 from mlops_assets.validate.schemas import TABLES, TableSpec
@@ -22,15 +22,9 @@ class ValidationConfig(dg.Config):
 
 def _upstream_source(context: dg.AssetExecutionContext, key: dg.AssetKey) -> str:
     """Where the raw rows came from, as recorded by the raw asset's materialization."""
-    partitions = [context.partition_key] if context.has_partition_key else None
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=key, asset_partitions=partitions), limit=1
-    ).records
-    if records and records[0].asset_materialization:
-        source = records[0].asset_materialization.metadata.get("source")
-        if source is not None:
-            return str(source.value)
-    return key.to_user_string()
+    partition = context.partition_key if context.has_partition_key else None
+    source = latest_metadata_value(context.instance, key, "source", partition)
+    return str(source) if source is not None else key.to_user_string()
 
 
 def _validated_asset(spec: TableSpec, partitioned: bool) -> dg.AssetsDefinition:

@@ -1,0 +1,90 @@
+"""The promotion gate: may a challenger replace the champion? A pure decision with a reason."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GateRules:
+    min_auc_gain: float = 0.002
+    """The challenger must beat the champion's AUC on the frozen set by at least this."""
+    max_calibration_error: float = 0.10
+    """Expected calibration error (10 bins) allowed on the frozen set. Loose on purpose: the
+    delay rate itself moves month to month (20% in February, 31% in June), which shifts every
+    model's calibration; the bound catches broken models, not seasonal prevalence."""
+    baseline_margin: float = 0.01
+    """A first model must beat every baseline's AUC by at least this."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    passed: bool
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def decide(
+    challenger: dict[str, float],
+    champion: dict[str, float] | None,
+    baselines: dict[str, dict[str, float]],
+    rules: GateRules,
+    *,
+    overlap_months: list[str] | None = None,
+    same_model: bool = False,
+) -> Decision:
+    """Decide on frozen-set metrics (``auc``, ``log_loss``, ``calibration_error``, ...)."""
+    details = {
+        "challenger_auc": challenger.get("auc"),
+        "champion_auc": champion.get("auc") if champion else None,
+        **{f"{name}_auc": m.get("auc") for name, m in baselines.items()},
+    }
+    if same_model:
+        return Decision(True, "the challenger is already the champion; nothing changes", details)
+    if challenger.get("nan_predictions", 0) > 0 or "auc" not in challenger:
+        return Decision(False, "reject: the challenger predicts NaN", details)
+    if overlap_months:
+        return Decision(
+            False,
+            f"reject: frozen evaluation months {overlap_months} were used to train the "
+            "challenger; refreeze the evaluation set on months it has not seen",
+            details,
+        )
+    auc = challenger["auc"]
+    if math.isnan(auc):
+        return Decision(False, "reject: AUC undefined (the frozen set has one class)", details)
+    calibration = challenger.get("calibration_error", math.inf)
+    if not calibration <= rules.max_calibration_error:
+        return Decision(
+            False,
+            f"reject: calibration error {calibration:.4f} exceeds {rules.max_calibration_error}",
+            details,
+        )
+    if champion is None:
+        for name, m in baselines.items():
+            if not auc >= m["auc"] + rules.baseline_margin:
+                return Decision(
+                    False,
+                    f"reject: first model AUC {auc:.4f} does not beat the {name} baseline "
+                    f"({m['auc']:.4f}) by {rules.baseline_margin}",
+                    details,
+                )
+        beaten = ", ".join(f"{name} {m['auc']:.4f}" for name, m in baselines.items())
+        return Decision(True, f"promote: first model; AUC {auc:.4f} beats {beaten}", details)
+    gain = auc - champion["auc"]
+    details["auc_gain"] = gain
+    if gain >= rules.min_auc_gain:
+        return Decision(
+            True,
+            f"promote: AUC {auc:.4f} vs champion {champion['auc']:.4f} (+{gain:.4f} ≥ "
+            f"{rules.min_auc_gain})",
+            details,
+        )
+    return Decision(
+        False,
+        f"reject: AUC {auc:.4f} vs champion {champion['auc']:.4f} ({gain:+.4f} < "
+        f"{rules.min_auc_gain} required)",
+        details,
+    )

@@ -1,0 +1,146 @@
+"""The challenger: LightGBM tuned with Optuna on the training split, stored in the registry."""
+
+import dagster as dg
+import polars as pl
+from matplotlib.figure import Figure
+
+from mlops_assets.features.assets import PREPROCESSOR_FILE
+from mlops_assets.features.preprocess import Preprocessor
+from mlops_assets.features.transform import FEATURES, LABEL
+from mlops_assets.metadata import latest_materialization, markdown_table, png_markdown
+from mlops_assets.train.model import BASE_PARAMS, Matrix, SearchSettings, search
+from mlops_assets.version import code_version
+from resources.registry import ModelRegistryResource
+from resources.warehouse import WarehouseResource
+
+
+class TrainConfig(dg.Config):
+    n_trials: int = 8
+    """Optuna trials; the default trains in well under a minute on 2 cores."""
+    timeout_seconds: float = 0.0
+    """Stop the search after this many seconds (0 = no limit; a time limit makes the number
+    of trials, and so the model bytes, depend on the machine's speed)."""
+    seed: int = 13
+    num_threads: int = 2
+
+
+def _search_plot(trials: pl.DataFrame) -> bytes:
+    import io
+
+    fig = Figure(figsize=(6, 3))
+    ax = fig.subplots()
+    done = trials.filter(pl.col("valid_auc").is_not_null())
+    for state, color in [("COMPLETE", "tab:blue"), ("PRUNED", "tab:grey")]:
+        part = done.filter(pl.col("state") == state)
+        ax.scatter(part["trial"], part["valid_auc"], label=state.lower(), color=color)
+    best = done.filter(pl.col("state") == "COMPLETE")["valid_auc"].cum_max()
+    ax.plot(done.filter(pl.col("state") == "COMPLETE")["trial"], best, color="tab:orange",
+            label="best so far")  # fmt: skip
+    ax.set(xlabel="trial", ylabel="validation AUC", title="Optuna search")
+    ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _partition_versions(
+    context: dg.AssetExecutionContext, months: list[str]
+) -> list[dict[str, str | None]]:
+    """The Dagster data version of every feature partition the model was trained on."""
+    key = dg.AssetKey("flight_features")
+    out = []
+    for month in months:
+        materialization = latest_materialization(context.instance, key, month)
+        tags = materialization.tags if materialization else {}
+        out.append({"partition": month, "data_version": (tags or {}).get("dagster/data_version")})
+    return out
+
+
+@dg.asset(group_name="train", kinds={"lightgbm", "optuna"}, deps=["training_set"])
+def challenger_model(
+    context: dg.AssetExecutionContext,
+    config: TrainConfig,
+    warehouse: WarehouseResource,
+    registry: ModelRegistryResource,
+) -> dg.MaterializeResult:
+    """A LightGBM model tuned with Optuna on the training months, registered as a challenger."""
+    frame = warehouse.read("training_set")
+    preprocessor_json = (warehouse.table_dir("training_set") / PREPROCESSOR_FILE).read_text()
+    preprocessor = Preprocessor.from_json(preprocessor_json)
+    splits = {s: frame.filter(pl.col("split") == s) for s in ("train", "valid", "test")}
+    settings = SearchSettings(
+        n_trials=config.n_trials,
+        timeout_seconds=config.timeout_seconds or None,
+        seed=config.seed,
+        num_threads=config.num_threads,
+    )
+    result = search(
+        Matrix.from_features(splits["train"], preprocessor),
+        Matrix.from_features(splits["valid"], preprocessor),
+        settings,
+    )
+    months = {s: sorted(f.get_column("month_key").unique().to_list()) for s, f in splits.items()}
+    training_set_version = latest_materialization(context.instance, dg.AssetKey("training_set"))
+    manifest = registry.register(
+        result.booster.model_to_string(),
+        preprocessor_json,
+        {
+            "task": f"P({LABEL}): arrival more than 15 minutes late",
+            "params": {
+                **BASE_PARAMS,
+                **result.params,
+                "seed": config.seed,
+                "num_boost_round": result.best_iteration,
+            },
+            "features": [
+                {
+                    "name": f.name,
+                    "kind": f.kind,
+                    "dtype": "float64" if f.kind == "numeric" else "category code (int)",
+                    "missing": f.missing,
+                }
+                for f in FEATURES
+            ],
+            "metrics": {"valid_auc": result.best_valid_auc},
+            "search": {
+                "trials": result.trials.height,
+                "pruned": result.pruned,
+                "seconds": round(result.seconds, 2),
+                "n_trials": config.n_trials,
+                "timeout_seconds": config.timeout_seconds,
+            },
+            "training": {
+                "months": months,
+                "rows": {s: f.height for s, f in splits.items()},
+                "partitions": _partition_versions(context, months["train"] + months["valid"]),
+                "training_set_data_version": (training_set_version.tags or {}).get(
+                    "dagster/data_version"
+                )
+                if training_set_version
+                else None,
+                "dagster_run_id": context.run.run_id,
+            },
+            "code_version": code_version(),
+        },
+    )
+    context.log.info(f"registered {manifest['version']} (sha256 {manifest['sha256'][:12]})")
+    best = pl.DataFrame([{"parameter": k, "value": str(v)} for k, v in result.params.items()])
+    return dg.MaterializeResult(
+        metadata={
+            "version": dg.MetadataValue.text(manifest["version"]),
+            "sha256": dg.MetadataValue.text(manifest["sha256"]),
+            "valid_auc": dg.MetadataValue.float(result.best_valid_auc),
+            "rounds": dg.MetadataValue.int(result.best_iteration),
+            "trials": dg.MetadataValue.int(result.trials.height),
+            "pruned_trials": dg.MetadataValue.int(result.pruned),
+            "search_seconds": dg.MetadataValue.float(round(result.seconds, 2)),
+            "best_params": dg.MetadataValue.md(markdown_table(best, 20)),
+            "trial_table": dg.MetadataValue.md(markdown_table(result.trials, 50)),
+            "search_plot": dg.MetadataValue.md(png_markdown(_search_plot(result.trials), "search")),
+            "train_months": dg.MetadataValue.text(", ".join(months["train"])),
+            "code_version": dg.MetadataValue.text(manifest["code_version"]),
+        }
+    )
+
+
+assets = [challenger_model]
