@@ -4,6 +4,7 @@ import dagster as dg
 import polars as pl
 from matplotlib.figure import Figure
 
+from mlops_assets.evaluate.metrics import binary_metrics
 from mlops_assets.features.assets import PREPROCESSOR_FILE
 from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.transform import FEATURES, LABEL
@@ -74,11 +75,9 @@ def challenger_model(
         seed=config.seed,
         num_threads=config.num_threads,
     )
-    result = search(
-        Matrix.from_features(splits["train"], preprocessor),
-        Matrix.from_features(splits["valid"], preprocessor),
-        settings,
-    )
+    valid = Matrix.from_features(splits["valid"], preprocessor)
+    result = search(Matrix.from_features(splits["train"], preprocessor), valid, settings)
+    valid_metrics = binary_metrics(valid.y, result.booster.predict(valid.x), threshold=0.5)
     months = {s: sorted(f.get_column("month_key").unique().to_list()) for s, f in splits.items()}
     training_set_version = latest_materialization(context.instance, dg.AssetKey("training_set"))
     manifest = registry.register(
@@ -101,7 +100,7 @@ def challenger_model(
                 }
                 for f in FEATURES
             ],
-            "metrics": {"valid_auc": result.best_valid_auc},
+            "metrics": {f"valid_{k}": v for k, v in valid_metrics.items()},
             "search": {
                 "trials": result.trials.height,
                 "pruned": result.pruned,
