@@ -15,6 +15,8 @@ from mlops_assets.definitions import defs
 from mlops_assets.features.preprocess import Preprocessor
 from resources import default_resources
 from resources.files import land_month
+from resources.weather import WeatherSourceResource
+from resources.weather_api_server import serve_weather_api
 
 ASSETS = list(defs.assets)
 REFERENCE = ["raw_planes", "raw_airports", "raw_airlines", "planes", "airports", "airlines"]
@@ -222,3 +224,27 @@ def test_two_runs_on_different_partitions_at_once_never_fight_for_a_lock(
             "SELECT month, count(*) FROM flights GROUP BY month ORDER BY month"
         ).fetchall()
     assert [m for m, _ in per_month] == [1, 2, 3, 4]
+
+
+def test_weather_from_the_http_api_in_the_graph(
+    mlops_home: Path, resources: dict[str, Any], instance: dg.DagsterInstance
+) -> None:
+    server, _thread = serve_weather_api(token="canary-token")
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        over_http = {
+            **resources,
+            "weather_api": WeatherSourceResource(base_url=url, api_token="canary-token",
+                                                 page_size=700),
+        }  # fmt: skip
+        result = materialize(["raw_weather", "weather"], instance, over_http, partition="2013-01")
+        assert result.success, failure_message(result)
+    finally:
+        server.shutdown()
+        server.server_close()
+    raw = latest_metadata(instance, "raw_weather", "2013-01")
+    assert raw["source"].value == f"{url}/weather?month=2013-01"
+    assert "canary-token" not in raw["source"].value
+    from_file = WeatherSourceResource().read_month("2013-01").frame
+    assert resources["warehouse"].read("raw_weather", ["2013-01"]).equals(from_file)
+    assert latest_metadata(instance, "weather", "2013-01")["rows_valid"].value == from_file.height

@@ -112,8 +112,11 @@ def plot_curves(scored: list[Scored], title: str) -> bytes:
             continue
         fpr, tpr, _ = skm.roc_curve(s.y, s.p)
         roc_ax.plot(fpr, tpr, label=f"{s.name} (AUC {skm.roc_auc_score(s.y, s.p):.3f})")
+        if np.ptp(s.p) == 0:  # a constant score's PR "curve" is just the positive rate
+            pr_ax.axhline(s.y.mean(), label=s.name, color=roc_ax.lines[-1].get_color())
+            continue
         precision, recall, _ = skm.precision_recall_curve(s.y, s.p)
-        pr_ax.plot(recall, precision, label=s.name)
+        pr_ax.plot(recall, precision, label=s.name, color=roc_ax.lines[-1].get_color())
     roc_ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
     roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC — {title}")
     pr_ax.set(xlabel="recall", ylabel="precision", title=f"Precision-recall — {title}")
