@@ -1,0 +1,265 @@
+"""A loaded, verified model plus its reference tables: booking records in, probabilities out.
+
+Scoring goes through exactly the training path: :func:`build_features` joins the records with
+origin weather and planes, :meth:`Preprocessor.transform` encodes them with the preprocessing
+fitted on the training split, and ``lightgbm.Booster.predict`` scores the matrix.
+
+Per-call cost is kept low without changing that path: the weather table (it grows by ~26k rows
+a year) is sorted and indexed once, when the predictor is built, and each call hands
+:func:`build_features` only the weather rows its records can match (their origin on the flight
+date and the day either side: usually one slice). The left join then sees the same matching
+rows as with the full table, so the features are identical, while the join no longer hashes the
+whole weather history per call. The planes table is small and is passed whole.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import polars as pl
+
+from mlops_assets.features.preprocess import Preprocessor
+from mlops_assets.features.transform import (
+    BOOKING_COLUMNS,
+    FEATURE_NAMES,
+    WEATHER_FIELDS,
+    build_features,
+)
+from mlops_assets.serve.schema import Prediction
+from resources.registry import ModelRegistryResource, StoredModel
+
+DEFAULT_THRESHOLD = 0.5
+INPUT_SCHEMA: dict[str, pl.DataType] = {
+    **BOOKING_COLUMNS,
+    **{w: pl.Float64() for w in WEATHER_FIELDS},
+}
+# The row position rides through build_features in the `flight` column: polars does not promise
+# row order through joins, and `flight` is an identifier, never a feature (checked below).
+_ORDER_COLUMN = "flight"
+# A fixed, plausible booking used to prove a freshly loaded model answers before it takes traffic.
+SMOKE_RECORD: dict[str, Any] = {
+    "year": 2013, "month": 1, "day": 1, "sched_dep_time": 900, "sched_arr_time": 1200,
+    "carrier": "UA", "flight": 1, "tailnum": None, "origin": "EWR", "dest": "ORD",
+    "distance": 719.0,
+}  # fmt: skip
+
+
+class PredictorError(RuntimeError):
+    """The model or its reference tables cannot serve (wrong features, failed smoke test)."""
+
+
+class _RangeIndex:
+    """Rows of a table sorted by a key, each key's rows one contiguous ``[start, stop)`` range.
+
+    Taking the rows for a few keys is then one or a few slices (microseconds) rather than a
+    filter or a hash join over the whole table.
+    """
+
+    def __init__(self, frame: pl.DataFrame, keys: list[str], key: pl.Expr | None = None) -> None:
+        self.frame = frame.sort(keys, maintain_order=True)
+        key_exprs = [*keys[:-1], key if key is not None else pl.col(keys[-1])]
+        grouped = (
+            self.frame.with_row_index("__row")
+            .group_by(key_exprs)
+            .agg(pl.col("__row").min().alias("__start"), pl.len().alias("__len"))
+        )
+        self.ranges: dict[Any, tuple[int, int]] = {}
+        for *key_values, start, length in grouped.iter_rows():
+            k = tuple(key_values) if len(key_values) > 1 else key_values[0]
+            self.ranges[k] = (start, start + length)
+        self.empty = self.frame.clear()
+
+    def take(self, keys: set[Any]) -> pl.DataFrame:
+        found = sorted(self.ranges[k] for k in keys if k in self.ranges)
+        if not found:
+            return self.empty
+        merged = [list(found[0])]
+        for start, stop in found[1:]:
+            if start <= merged[-1][1]:  # adjacent or overlapping: extend the current slice
+                merged[-1][1] = max(merged[-1][1], stop)
+            else:
+                merged.append([start, stop])
+        if len(merged) == 1:
+            ((start, stop),) = merged
+            return self.frame.slice(start, stop - start)
+        return self.frame[np.concatenate([np.arange(a, b) for a, b in merged])]
+
+
+def _threshold(manifest: Mapping[str, Any]) -> float:
+    value = manifest.get("threshold", DEFAULT_THRESHOLD)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PredictorError(f"manifest threshold must be a number, got {value!r}")
+    if not 0.0 < float(value) < 1.0:
+        raise PredictorError(f"manifest threshold must lie strictly between 0 and 1: {value}")
+    return float(value)
+
+
+@dataclass(eq=False)
+class Predictor:
+    """A verified model ready to score booking records (built once, called many times)."""
+
+    version: str
+    manifest: dict[str, Any]
+    booster: lgb.Booster
+    preprocessor: Preprocessor
+    weather: pl.DataFrame
+    planes: pl.DataFrame
+    threshold: float = DEFAULT_THRESHOLD
+    num_threads: int = 0
+    """LightGBM prediction threads; 0 leaves OpenMP's default (all cores)."""
+    _weather_index: _RangeIndex = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if _ORDER_COLUMN in FEATURE_NAMES:
+            raise PredictorError(f"{_ORDER_COLUMN!r} became a feature; pick another carrier")
+        names = self.booster.feature_name()
+        if names != list(FEATURE_NAMES):
+            raise PredictorError(
+                f"model {self.version} was trained on features {names}, but the feature "
+                f"function produces {list(FEATURE_NAMES)}; refusing to serve it"
+            )
+        for table, frame, needed in [
+            ("weather", self.weather, {"origin", "time_hour", *WEATHER_FIELDS}),
+            ("planes", self.planes, {"tailnum", "year", "seats", "engines"}),
+        ]:
+            missing = sorted(needed - set(frame.columns))
+            if missing:
+                raise PredictorError(f"reference table {table} lacks column(s) {missing}")
+        if not isinstance(self.weather.schema["time_hour"], pl.Datetime):
+            raise PredictorError("reference weather needs a typed (validated) time_hour column")
+        # Keyed by the UTC date of each weather hour: a local flight date D at any hour falls
+        # on UTC date D-1, D or D+1 whatever the origin's offset, so those three keys cover it
+        # (and for one origin they are adjacent ranges: a single slice).
+        self._weather_index = _RangeIndex(
+            self.weather, ["origin", "time_hour"], pl.col("time_hour").dt.date()
+        )
+        self.weather = self._weather_index.frame  # hold one copy, the sorted one
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_stored(
+        cls, stored: StoredModel, planes: pl.DataFrame, weather: pl.DataFrame, **options: Any
+    ) -> Predictor:
+        """Build from a model whose bytes the registry has already verified."""
+        try:
+            booster = lgb.Booster(model_str=stored.model_text)
+            preprocessor = Preprocessor.from_json(stored.preprocessor_json)
+        except (lgb.basic.LightGBMError, ValueError, TypeError) as exc:
+            raise PredictorError(f"model {stored.version} cannot be loaded: {exc}") from exc
+        return cls(
+            version=stored.version,
+            manifest=dict(stored.manifest),
+            booster=booster,
+            preprocessor=preprocessor,
+            weather=weather,
+            planes=planes,
+            threshold=_threshold(stored.manifest),
+            **options,
+        )
+
+    @classmethod
+    def from_registry(
+        cls,
+        registry: ModelRegistryResource,
+        version: str,
+        planes: pl.DataFrame,
+        weather: pl.DataFrame,
+        **options: Any,
+    ) -> Predictor:
+        """Load ``version`` (sha256-verified by the registry) with its reference tables."""
+        return cls.from_stored(registry.load(version), planes, weather, **options)
+
+    # -- scoring --------------------------------------------------------------------------
+
+    def _weather_rows(self, records: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
+        """The only weather rows the records can join to."""
+        one_day = dt.timedelta(days=1)
+        days: set[tuple[str, dt.date]] = set()
+        for record in records:
+            date = dt.date(record["year"], record["month"], record["day"])
+            origin = record["origin"]
+            days.update(((origin, date - one_day), (origin, date), (origin, date + one_day)))
+        return self._weather_index.take(days)
+
+    def features(self, records: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
+        """The feature rows for ``records``, in record order (what training would compute)."""
+        frame = pl.DataFrame(list(records), schema=INPUT_SCHEMA)
+        ordered = frame.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias(_ORDER_COLUMN))
+        # The planes table is small (a few thousand rows): joining it whole costs nothing.
+        features = build_features(ordered, self._weather_rows(records), self.planes)
+        if features.height != frame.height:
+            raise PredictorError(
+                f"{frame.height} records gave {features.height} feature rows: a reference "
+                "table has duplicate keys"
+            )
+        # Restore the caller's flight numbers after putting the rows back in request order.
+        return features.sort(_ORDER_COLUMN).with_columns(frame.get_column(_ORDER_COLUMN))
+
+    def probabilities(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        if not records:
+            return np.empty(0, dtype=np.float64)
+        x = self.preprocessor.transform(self.features(records)).to_numpy(order="c")
+        options = {"num_threads": self.num_threads} if self.num_threads else {}
+        return self.booster.predict(x.astype(np.float64, copy=False), **options)
+
+    def predict(self, records: Sequence[Mapping[str, Any]]) -> list[Prediction]:
+        """Score validated booking records (``FlightRecord.model_dump()`` dicts), in order."""
+        threshold = self.threshold
+        # model_construct: the values come straight from LightGBM, already a probability.
+        return [
+            Prediction.model_construct(delay_probability=float(p), delayed=bool(p >= threshold))
+            for p in self.probabilities(records)
+        ]
+
+    def smoke_test(self) -> Prediction:
+        """Score one known booking; raise unless the answer is a finite probability.
+
+        Run before a freshly loaded model takes traffic (verify, then swap).
+        """
+        try:
+            (prediction,) = self.predict([SMOKE_RECORD])
+        except Exception as exc:
+            raise PredictorError(
+                f"model {self.version} failed its smoke prediction: {exc}"
+            ) from exc
+        p = prediction.delay_probability
+        if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+            raise PredictorError(f"model {self.version} smoke prediction is not a probability: {p}")
+        return prediction
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest, plus what this process serves it with."""
+        return {
+            **self.manifest,
+            "serving": {
+                "threshold": self.threshold,
+                "reference_tables": {
+                    "weather_rows": self.weather.height,
+                    "planes_rows": self.planes.height,
+                },
+            },
+        }
+
+
+def time_predict(
+    predictor: Predictor, records: Sequence[Mapping[str, Any]], repeats: int = 50
+) -> dict[str, float]:
+    """Median and 90th-percentile wall time of ``predict(records)`` in milliseconds."""
+    predictor.predict(records)  # warm up: first calls pay one-off polars/LightGBM setup
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        predictor.predict(records)
+        samples.append((time.perf_counter() - started) * 1000)
+    return {
+        "p50_ms": float(np.percentile(samples, 50)),
+        "p90_ms": float(np.percentile(samples, 90)),
+    }
