@@ -131,7 +131,8 @@ def feature_frame(
             .alias("time_hour"),
         )
     )
-    base = base.join(calendar, on="__hour_key", how="left")
+    # Rows keep the caller's order through every join: serving answers in request order.
+    base = base.join(calendar, on="__hour_key", how="left", maintain_order="left")
     looked_up = weather.lazy().select(
         "origin", "time_hour", *(pl.col(w).alias(f"__wx_{w}") for w in WEATHER_FIELDS)
     )
@@ -141,9 +142,9 @@ def feature_frame(
         pl.col("seats").cast(pl.Float64),
         pl.col("engines").cast(pl.Float64),
     )
-    joined = base.join(looked_up, on=["origin", "time_hour"], how="left").join(
-        plane_info, on="tailnum", how="left"
-    )
+    joined = base.join(
+        looked_up, on=["origin", "time_hour"], how="left", maintain_order="left"
+    ).join(plane_info, on="tailnum", how="left", maintain_order="left")
     weather_exprs = [
         (pl.coalesce(pl.col(w).cast(pl.Float64), pl.col(f"__wx_{w}")) if w in schema
          else pl.col(f"__wx_{w}").cast(pl.Float64)).alias(w)
