@@ -8,6 +8,8 @@ from mlops_assets.evaluate import assets as evaluate
 from mlops_assets.explore import assets as explore
 from mlops_assets.features import assets as features
 from mlops_assets.ingest import assets as ingest
+from mlops_assets.monitor import assets as monitor
+from mlops_assets.serve import batch as serve_batch
 from mlops_assets.train import assets as train
 from mlops_assets.validate import assets as validate
 from resources import default_resources
@@ -20,6 +22,8 @@ defs = dg.Definitions(
         *features.assets,
         *train.assets,
         *evaluate.assets,
+        *serve_batch.assets,
+        *monitor.assets,
     ],
     jobs=evaluate.jobs,
     resources=default_resources(),

@@ -9,6 +9,7 @@ import dagster as dg
 
 from resources.database import ReferenceDatabaseResource
 from resources.files import LandingFilesResource
+from resources.prediction_log import PredictionLogResource
 from resources.registry import ModelRegistryResource
 from resources.settings import mlops_paths
 from resources.warehouse import WarehouseIOManager, WarehouseResource
@@ -35,5 +36,6 @@ def default_resources() -> dict[str, Any]:
         ),
         "warehouse": warehouse,
         "registry": ModelRegistryResource(root=str(paths.registry)),
+        "prediction_log_files": PredictionLogResource(folder=str(paths.prediction_log)),
         "io_manager": WarehouseIOManager(warehouse=warehouse),
     }

@@ -35,6 +35,10 @@ class Paths:
     def logs(self) -> Path:
         return self.home / "logs"
 
+    @property
+    def prediction_log(self) -> Path:
+        return self.logs / "predictions"
+
 
 def mlops_paths() -> Paths:
     """Paths under ``MLOPS_HOME`` (default ``./.mlops``), made absolute."""

@@ -31,8 +31,12 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "frozen_eval_set": ("evaluate", {"training_set"}),
     "model_evaluation": ("evaluate", {"training_set", "frozen_eval_set", "challenger_model"}),
     "champion_model": ("evaluate", {"model_evaluation"}),
+    "batch_predictions": ("serve", {"flights", "weather", "planes", "champion_model"}),
+    "prediction_log": ("monitor", set()),
 }
-MONTHLY = {"raw_flights", "raw_weather", "flights", "weather", "flight_features"}
+MONTHLY = {"raw_flights", "raw_weather", "flights", "weather", "flight_features",
+           "batch_predictions"}  # fmt: skip
+DAILY = {"prediction_log"}
 BLOCKING_CHECKS = {
     (table, "quarantine_share_below_threshold")
     for table in ("flights", "weather", "planes", "airports", "airlines")
@@ -47,7 +51,7 @@ def test_asset_graph_is_pinned() -> None:
         node = graph.get(dg.AssetKey(name))
         assert node.group_name == group, name
         assert {k.to_user_string() for k in node.parent_keys} == deps, name
-        assert (node.partitions_def is not None) == (name in MONTHLY), name
+        assert (node.partitions_def is not None) == (name in MONTHLY | DAILY), name
         assert node.description, f"{name} has no description for the UI"
 
 

@@ -12,11 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import lightgbm as lgb
+import numpy as np
 import polars as pl
 import pytest
 
 from mlops_assets.definitions import defs
-from mlops_assets.features.transform import POST_DEPARTURE
+from mlops_assets.features.preprocess import Preprocessor
+from mlops_assets.features.transform import POST_DEPARTURE, build_features
+from mlops_assets.train.model import Matrix
 from resources import default_resources
 from resources.files import land_month
 from resources.registry import ModelRegistryResource
@@ -215,3 +219,38 @@ def test_rollback_job_and_cli_restore_the_exact_previous_champion(prepared, tmp_
     aliases = json.loads((prepared["home"] / "registry" / "aliases.json").read_text())
     assert aliases["champion"] == first
     assert first in cli.stdout
+
+
+def test_batch_predictions_score_a_month_with_the_champion(prepared, tmp_path: Path) -> None:
+    resources = with_registry(prepared, tmp_path / "registry")
+
+    def score() -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            ASSETS, selection=["batch_predictions"], partition_key="2013-06",
+            resources=resources, instance=prepared["instance"], raise_on_error=False,
+        )  # fmt: skip
+
+    no_champion = score()
+    assert not no_champion.success
+    error = no_champion.get_step_failure_events()[0].event_specific_data.error
+    assert "there is no champion model yet" in error.message
+    assert run(prepared, resources, MODEL_STEPS).success
+    result = score()
+    assert result.success
+    scored = resources["warehouse"].read("batch_predictions", ["2013-06"])
+    flights = resources["warehouse"].read("flights", ["2013-06"])
+    assert scored.height == flights.height
+    champion = resources["registry"].champion()
+    assert scored["model_version"].unique().to_list() == [champion]
+    # The same scores as the trained booster on the training-time features of those flights.
+    stored = resources["registry"].load(champion)
+    booster, preprocessor = (
+        lgb.Booster(model_str=stored.model_text),
+        Preprocessor.from_json(stored.preprocessor_json),
+    )
+    features = build_features(
+        flights, resources["warehouse"].read("weather", ["2013-06"]),
+        resources["warehouse"].read("planes"),
+    )  # fmt: skip
+    expected = booster.predict(Matrix.from_features(features, preprocessor).x)
+    assert np.allclose(scored["delay_probability"].to_numpy(), expected)
