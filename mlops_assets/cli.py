@@ -124,6 +124,11 @@ def up(
     finally:
         _echo("stopping Dagster ...")
         _stop(procs)
+        # The serve stage starts a local Ray head on first deploy; it is ours to stop too.
+        from mlops_assets.serve.ray_runtime import stop_local_ray
+
+        if stopped := stop_local_ray(paths.home / "ray"):
+            _echo(f"stopped the local Ray head ({len(stopped)} processes)")
     failed = [p.args[0] for p in procs if p.returncode not in (0, -signal.SIGTERM, None)]
     if failed and not stop_requested:
         _echo(f"error: {', '.join(map(str, failed))} exited unexpectedly")

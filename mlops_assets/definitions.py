@@ -9,6 +9,7 @@ from mlops_assets.explore import assets as explore
 from mlops_assets.features import assets as features
 from mlops_assets.ingest import assets as ingest
 from mlops_assets.monitor import assets as monitor
+from mlops_assets.serve import assets as serve
 from mlops_assets.serve import batch as serve_batch
 from mlops_assets.train import assets as train
 from mlops_assets.validate import assets as validate
@@ -22,9 +23,11 @@ defs = dg.Definitions(
         *features.assets,
         *train.assets,
         *evaluate.assets,
+        *serve.assets,
         *serve_batch.assets,
         *monitor.assets,
     ],
+    asset_checks=serve.asset_checks,
     jobs=evaluate.jobs,
     resources=default_resources(),
 )

@@ -10,6 +10,7 @@ import dagster as dg
 from resources.database import ReferenceDatabaseResource
 from resources.files import LandingFilesResource
 from resources.prediction_log import PredictionLogResource
+from resources.ray import RayResource
 from resources.registry import ModelRegistryResource
 from resources.settings import mlops_paths
 from resources.warehouse import WarehouseIOManager, WarehouseResource
@@ -37,5 +38,10 @@ def default_resources() -> dict[str, Any]:
         "warehouse": warehouse,
         "registry": ModelRegistryResource(root=str(paths.registry)),
         "prediction_log_files": PredictionLogResource(folder=str(paths.prediction_log)),
+        "ray_serve": RayResource(
+            address=_env("RAY_ADDRESS"),
+            state_dir=str(paths.home / "ray"),
+            api_token=_env("MLOPS_API_TOKEN"),
+        ),
         "io_manager": WarehouseIOManager(warehouse=warehouse),
     }

@@ -202,6 +202,9 @@ def test_two_runs_on_different_partitions_at_once_never_fight_for_a_lock(
     dagster_home = tmp_path / "shared_dagster_home"
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    # Create the instance's storage once, as `mlops up` does before any run starts; two
+    # processes migrating a brand-new SQLite schema at the same instant is not the case tested.
+    dg.DagsterInstance.from_config(str(dagster_home)).dispose()
     months = ["2013-01", "2013-02", "2013-03", "2013-04"]
     for month in months:
         land_month(month, mlops_home / "landing")

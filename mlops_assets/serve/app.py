@@ -96,11 +96,17 @@ class RequestContextMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, *, metrics: ServeMetrics, log_sink: PredictionLog | None
+        self,
+        app: ASGIApp,
+        *,
+        metrics: ServeMetrics,
+        log_sink: PredictionLog | None,
+        echo_request_id: bool = True,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.log_sink = log_sink
+        self.echo_request_id = echo_request_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -120,7 +126,8 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
-                message = {**message, "headers": [*message.get("headers", ()), id_header]}
+                if self.echo_request_id:
+                    message = {**message, "headers": [*message.get("headers", ()), id_header]}
             await send(message)
 
         try:
@@ -241,12 +248,16 @@ def build_app(
     log_sink: PredictionLog | None = None,
     metrics: ServeMetrics | None = None,
     scorer: Scorer = default_scorer,
+    echo_request_id: bool = True,
 ) -> FastAPI:
     """The serving app. ``get_predictor`` returns the model to use now (None: not loaded yet).
 
     An empty ``api_token`` counts as unset. Pass ``metrics`` to keep counters across rebuilds.
     ``scorer`` scores one request's validated records with the predictor the request was
     tagged with; a Ray Serve replica can pass one that goes through a ``@serve.batch`` method.
+    ``echo_request_id=False`` leaves the ``X-Request-ID`` response header to a server in front
+    that already sets it (Ray Serve's proxy echoes the id it put in the request headers, which is
+    the id read and logged here), so a response never carries two.
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
@@ -266,7 +277,12 @@ def build_app(
         redoc_url=None,
         openapi_url="/openapi.json",
     )
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, log_sink=log_sink)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        log_sink=log_sink,
+        echo_request_id=echo_request_id,
+    )
 
     def authorize(request: Request) -> JSONResponse | None:
         if token is None:

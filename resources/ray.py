@@ -1,0 +1,68 @@
+"""Ray for the pipeline: a cluster at ``RAY_ADDRESS``, or the project's own local head.
+
+``ray`` is imported only when a connection is made: most Dagster steps never need it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+log = logging.getLogger(__name__)
+
+
+class RayResource(dg.ConfigurableResource):
+    """Where Ray work runs, and where Ray Serve listens.
+
+    ``address`` empty (the default) means the local head this project starts and owns: state,
+    lock and log under ``state_dir``, Ray's own files under ``temp_dir``; it is reused by later
+    steps and runs, and stopped with ``mlops_assets.serve.ray_runtime.stop_local_ray`` (by PID,
+    never ``ray stop``). Otherwise ``address`` is an existing cluster (``RAY_ADDRESS``), which
+    this resource only joins.
+    """
+
+    address: str = Field(default="", description="Ray cluster address; empty: the local head")
+    num_cpus: int = Field(default=2, description="CPUs the local head offers")
+    state_dir: str = Field(description="state, lock and log of the local head")
+    temp_dir: str = Field(default="", description="Ray temp dir for the local head (short)")
+    http_host: str = Field(default="127.0.0.1", description="Serve HTTP proxy interface")
+    http_port: int = Field(default=8000, description="Serve HTTP proxy port")
+    api_token: str = Field(
+        default="", description="bearer token the endpoint requires (MLOPS_API_TOKEN); empty: none"
+    )
+
+    @property
+    def is_local(self) -> bool:
+        return not self.address
+
+    def ensure_connected(self) -> str:
+        """Connect this process to Ray (starting the local head if needed); return the address."""
+        import ray
+
+        from mlops_assets.serve.ray_runtime import default_temp_dir, ray_environment
+
+        if self.is_local:
+            from mlops_assets.serve.ray_runtime import start_local_ray
+
+            temp_dir = Path(self.temp_dir) if self.temp_dir else default_temp_dir(self.state_dir)
+            address = start_local_ray(self.state_dir, num_cpus=self.num_cpus, temp_dir=temp_dir)
+            # The driver must agree with the head on auth and temp dir (Ray reads the env).
+            os.environ.update(ray_environment(temp_dir))
+        else:
+            address = self.address
+        if ray.is_initialized():
+            return address
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        log.info("connected to Ray at %s", address)
+        return address
+
+    def disconnect(self) -> None:
+        """Leave the cluster (the cluster and Serve keep running)."""
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()

@@ -1,0 +1,506 @@
+"""The serving app on a real Ray Serve, on 127.0.0.1, with real models trained by project code.
+
+One local Ray head for the module, started the way the pipeline starts it (``RayResource`` ->
+``start_local_ray``: detached ``ray start --head --block`` in its own session, its own temp dir,
+2 CPUs, auth off) and stopped at the end by its PID and session, never ``ray stop``; the
+teardown asserts none of its processes is left.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import httpx
+import polars as pl
+import pytest
+import ray
+from ray import serve
+
+from mlops_assets.features.preprocess import Preprocessor
+from mlops_assets.features.transform import BOOKING_COLUMNS, FEATURES, LABEL, build_features
+from mlops_assets.serve import assets as serve_assets
+from mlops_assets.serve.deployment import (
+    DeployError,
+    ServeConfig,
+    deploy,
+    live_health,
+    replica_infos,
+)
+from mlops_assets.serve.predlog import read_prediction_log
+from mlops_assets.serve.ray_runtime import (
+    LocalRayError,
+    local_ray,
+    session_pids,
+    start_local_ray,
+    stop_local_ray,
+)
+from mlops_assets.train.model import Matrix, fit
+from mlops_assets.validate.quarantine import validate_table
+from mlops_assets.validate.schemas import TABLES
+from resources.package_data import read_package_table
+from resources.prediction_log import PredictionLogResource
+from resources.ray import RayResource
+from resources.registry import ModelRegistryResource
+from resources.warehouse import WarehouseResource
+
+pytestmark = pytest.mark.timeout(300)
+
+CLIENTS = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _valid(table: str, month: int | None = None) -> pl.DataFrame:
+    raw = read_package_table(table)
+    if month is not None:
+        raw = raw.filter(pl.col("month") == month)
+    return validate_table(raw, TABLES[table], source="package", partition=None).valid
+
+
+# -- fixtures: a warehouse and registry with two real models, one local Ray ------------------
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[Path]:
+    # Short on purpose: Ray's Unix socket paths live under the temp dir (107-byte limit).
+    folder = Path(tempfile.mkdtemp(prefix="mlray", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stores(home: Path) -> dict[str, Any]:
+    flights = _valid("flights", 1)
+    weather, planes = _valid("weather"), _valid("planes")
+    warehouse = WarehouseResource(root=str(home / "warehouse"), reports_root=str(home / "reports"))
+    warehouse.write("weather", weather, "2013-01")
+    warehouse.write("planes", planes)
+    registry = ModelRegistryResource(root=str(home / "registry"))
+    labelled = build_features(flights, weather, planes).filter(pl.col(LABEL).is_not_null())
+    preprocessor = Preprocessor.fit(labelled)
+    matrix = Matrix.from_features(labelled, preprocessor)
+    versions = []
+    for seed, leaves in [(1, 7), (2, 15)]:
+        booster = fit(
+            {"num_leaves": leaves, "learning_rate": 0.1, "min_child_samples": 50},
+            matrix,
+            20,
+            seed=seed,
+            num_threads=2,
+        )
+        manifest = registry.register(
+            booster.model_to_string(),
+            preprocessor.to_json(),
+            {
+                "params": {"num_leaves": leaves, "num_boost_round": 20},
+                "features": [{"name": f.name, "kind": f.kind} for f in FEATURES],
+                "metrics": {"valid_auc": 0.7},
+                "training": {"months": {"train": ["2013-01"]}},
+            },
+        )
+        versions.append(manifest["version"])
+    records = flights.select(list(BOOKING_COLUMNS)).sample(400, seed=5).to_dicts()
+    return {"warehouse": warehouse, "registry": registry, "versions": versions, "records": records}
+
+
+@pytest.fixture(scope="module")
+def ray_serve(home: Path) -> Iterator[RayResource]:
+    resource = RayResource(
+        state_dir=str(home / "ray"), temp_dir=str(home / "rt"), http_port=_free_port()
+    )
+    started = time.monotonic()
+    resource.ensure_connected()
+    head = local_ray(resource.state_dir)
+    assert head is not None
+    print(f"local Ray head up in {time.monotonic() - started:.1f}s at {head.address}")
+    try:
+        yield resource
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            stopped = stop_local_ray(resource.state_dir)
+            assert head.pid in stopped
+            assert session_pids(head.session_id, head.temp_dir) == []
+            assert local_ray(resource.state_dir) is None
+
+
+@pytest.fixture(scope="module")
+def log_dir(home: Path) -> Path:
+    return home / "predlog"
+
+
+@pytest.fixture(scope="module")
+def config(stores: dict[str, Any], ray_serve: RayResource, log_dir: Path) -> ServeConfig:
+    # Built exactly as the served_model asset builds it, so the asset test swaps in place.
+    return serve_assets.serve_config(
+        stores["registry"],
+        stores["warehouse"],
+        ray_serve,
+        PredictionLogResource(folder=str(log_dir)),
+    )
+
+
+@pytest.fixture(scope="module")
+def first_deploy(config: ServeConfig, stores: dict[str, Any]) -> dict[str, Any]:
+    return deploy(config, stores["versions"][0])
+
+
+def _predict(client: httpx.Client, record: dict[str, Any]) -> httpx.Response:
+    return client.post("/predict", json={"flights": [record]})
+
+
+# -- the local Ray head ------------------------------------------------------------------------
+
+
+def test_the_local_head_is_reused_not_started_twice(ray_serve: RayResource) -> None:
+    head = local_ray(ray_serve.state_dir)
+    assert head is not None
+    assert start_local_ray(ray_serve.state_dir, temp_dir=ray_serve.temp_dir) == head.address
+    assert local_ray(ray_serve.state_dir) == head  # same PID, same session
+    assert ray.cluster_resources()["CPU"] == 2
+
+
+def test_a_temp_dir_too_long_for_rays_sockets_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(LocalRayError, match="longer than 50 characters"):
+        start_local_ray(tmp_path, temp_dir=tmp_path / ("x" * 60))
+    assert local_ray(tmp_path) is None
+
+
+# -- first deployment -------------------------------------------------------------------------
+
+
+def test_first_deploy_serves_v1_with_the_contract(
+    config: ServeConfig, stores: dict[str, Any], first_deploy: dict[str, Any], log_dir: Path
+) -> None:
+    v1 = stores["versions"][0]
+    assert first_deploy["mode"] == "deploy"
+    assert first_deploy["health"]["model_version"] == v1
+    assert [r["model_version"] for r in first_deploy["replicas"]] == [v1]
+    print(f"first deploy: {first_deploy['seconds']:.1f}s")
+    records = stores["records"][:3]
+    with httpx.Client(base_url=config.url, timeout=20) as client:
+        response = client.post("/predict", json={"flights": records})
+        assert response.status_code == 200, response.text
+        assert response.headers["x-model-version"] == v1
+        body = response.json()
+        assert body["model_version"] == v1
+        assert len(body["predictions"]) == 3
+        for p in body["predictions"]:
+            assert 0.0 <= p["delay_probability"] <= 1.0
+            assert p["delayed"] == (p["delay_probability"] >= 0.5)
+        # One request id header (Ray's proxy sets it; the app does not add a second one) ...
+        ids = response.headers.get_list("x-request-id")
+        assert len(ids) == 1
+        # ... and it is the id the replica logged the prediction under.
+        logged = read_prediction_log(log_dir)
+        mine = logged.filter(pl.col("request_id") == ids[0])
+        assert mine.height == 3 and set(mine.get_column("model_version")) == {v1}
+        bad = client.post("/predict", json={"flights": [{**records[0], "surprise": 1}]})
+        assert bad.status_code == 422
+        assert bad.json()["detail"][0]["loc"] == ["body", "flights", 0, "surprise"]
+        assert client.post("/predict", content=b"{", headers={"content-type": "application/json"}
+                           ).status_code == 400  # fmt: skip
+        assert client.get("/healthz").json() == {"status": "ok", "model_version": v1}
+        assert client.get("/model").json()["version"] == v1
+        assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+# -- zero-downtime swap under load ------------------------------------------------------------
+
+
+class Load:
+    """CLIENTS threads, each sending single-record /predict requests back to back."""
+
+    def __init__(self, url: str, records: list[dict[str, Any]]) -> None:
+        self.url = url
+        self.records = records
+        self.stop = threading.Event()
+        # per client: (sent, received, status, version or error text)
+        self.results: list[list[tuple[float, float, int, str]]] = [[] for _ in range(CLIENTS)]
+        self.threads = [
+            threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(CLIENTS)
+        ]
+
+    def _run(self, k: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            i = k
+            while not self.stop.is_set():
+                sent = time.monotonic()
+                try:
+                    response = _predict(client, self.records[i % len(self.records)])
+                    status = response.status_code
+                    tag = response.json()["model_version"] if status == 200 else response.text
+                except Exception as exc:  # a dropped connection counts as a failure
+                    status, tag = 0, f"{type(exc).__name__}: {exc}"
+                self.results[k].append((sent, time.monotonic(), status, tag))
+                i += CLIENTS
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+    @property
+    def all(self) -> list[tuple[float, float, int, str]]:
+        return [r for client in self.results for r in client]
+
+
+def test_swap_under_concurrent_load_loses_nothing(
+    config: ServeConfig, stores: dict[str, Any], first_deploy: dict[str, Any], log_dir: Path
+) -> None:
+    v1, v2 = stores["versions"]
+    before = replica_infos(config)
+    with Load(config.url, stores["records"]) as load:
+        time.sleep(1.5)
+        started = time.monotonic()
+        result = deploy(config, v2)
+        done = time.monotonic()
+        time.sleep(1.5)
+    answers = load.all
+    failures = [r for r in answers if not 200 <= r[2] < 300]
+    assert not failures, failures[:5]
+    assert {r[3] for r in answers} == {v1, v2}
+    for client in load.results:
+        versions = [r[3] for r in client]
+        first_v2 = versions.index(v2)
+        assert set(versions[first_v2:]) == {v2}, "a client went back from v2 to v1"
+    assert {r[3] for r in answers if r[0] >= done} == {v2}
+    assert result["mode"] == "swap" and result["previous_versions"] == [v1]
+    # Swapped inside the same replica: same process, no restart, no routing change.
+    after = replica_infos(config)
+    assert [(r["replica_id"], r["pid"]) for r in after] == [
+        (r["replica_id"], r["pid"]) for r in before
+    ]
+    assert [r["model_version"] for r in after] == [v2]
+    rate = len(answers) / (load.all[-1][1] - load.all[0][0])
+    print(
+        f"swap: {len(answers)} requests, 0 failed, ~{rate:.0f} req/s; deploy call "
+        f"{done - started:.2f}s (replica load {result['replicas'][0]['load_seconds']}s)"
+    )
+    # Every answered prediction is in the log with the version that answered it.
+    logged = read_prediction_log(log_dir).filter(pl.col("kind") == "prediction")
+    counts = dict(logged.group_by("model_version").len().iter_rows())
+    assert counts[v2] >= sum(r[3] == v2 for r in answers)
+
+
+def test_concurrent_single_record_requests_are_batched(
+    config: ServeConfig, stores: dict[str, Any], first_deploy: dict[str, Any]
+) -> None:
+    records = stores["records"]
+    barrier = threading.Barrier(16)
+    statuses: list[int] = []
+
+    def burst(k: int) -> None:
+        with httpx.Client(base_url=config.url, timeout=30) as client:
+            barrier.wait()
+            for i in range(10):
+                statuses.append(_predict(client, records[(k * 10 + i) % len(records)]).status_code)
+
+    threads = [threading.Thread(target=burst, args=(k,)) for k in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [200] * 160
+    (info,) = replica_infos(config)
+    assert info["largest_batch_requests"] > 1
+    metrics = httpx.get(f"{config.url}/metrics", timeout=10).text
+    buckets = dict(
+        re.findall(r'mlops_serve_serve_batch_requests_bucket\{le="([^"]+)"\} (\S+)', metrics)
+    )
+    assert float(buckets["+Inf"]) > float(buckets["1.0"]), "every batch held a single request"
+
+
+# -- a bad model never takes traffic ----------------------------------------------------------
+
+
+def _tampered_copy(registry: ModelRegistryResource, version: str) -> str:
+    stored = registry.load(version)
+    manifest = registry.register(stored.model_text, stored.preprocessor_json, {"metrics": {}})
+    model_file = Path(registry.root) / "models" / manifest["version"] / "model.txt"
+    model_file.write_text(model_file.read_text().replace("shrinkage=0.1", "shrinkage=0.9", 1))
+    return manifest["version"]
+
+
+def test_corrupt_model_is_refused_and_v2_keeps_serving(
+    config: ServeConfig, stores: dict[str, Any], first_deploy: dict[str, Any]
+) -> None:
+    v2 = stores["versions"][1]
+    deploy(config, v2)  # idempotent when v2 is already live (order-independent test)
+    bad = _tampered_copy(stores["registry"], v2)
+    # Refused where the deploy runs, before serving is touched ...
+    with pytest.raises(DeployError, match=rf"model {bad} failed verification before deployment"):
+        deploy(config, bad)
+    # ... and by the replica itself when the deploy skips that step: it keeps the old model.
+    with Load(config.url, stores["records"]) as load:
+        time.sleep(0.5)
+        with pytest.raises(DeployError, match=rf"refused model {bad}.*still serving {v2}.*sha256"):
+            deploy(config, bad, verify_locally=False)
+        time.sleep(0.5)
+    assert {(r[2], r[3]) for r in load.all} == {(200, v2)}
+    assert live_health(config) == {"status_code": 200, "status": "ok", "model_version": v2}
+    (info,) = replica_infos(config)
+    assert info["model_version"] == v2 and "sha256" in info["last_error"]
+
+
+def test_a_restarted_replica_comes_back_with_the_last_deployed_model(
+    config: ServeConfig, stores: dict[str, Any], first_deploy: dict[str, Any]
+) -> None:
+    v1, v2 = stores["versions"]
+    assert first_deploy["version"] == v1  # Serve's own user_config still names v1
+    assert deploy(config, v2)["mode"] == "swap"
+    (before,) = replica_infos(config)
+    # Kill the replica process: Serve starts a new one from the deployment's user_config (v1),
+    # which must pick up the newer recorded deploy (v2) instead.
+    ray.kill(ray.get_actor(before["actor_name"], namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            infos = replica_infos(config)
+        except Exception:  # the handle call raced the dying replica
+            infos = []
+        if infos and infos[0]["replica_id"] != before["replica_id"]:
+            break
+        assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+        time.sleep(0.5)
+    (after,) = infos
+    assert after["pid"] != before["pid"]
+    assert after["model_version"] == v2
+    assert live_health(config)["model_version"] == v2
+
+
+# -- the Dagster asset and its check ----------------------------------------------------------
+
+
+def test_served_model_asset_deploys_the_champion_and_the_check_passes(
+    config: ServeConfig,
+    stores: dict[str, Any],
+    ray_serve: RayResource,
+    first_deploy: dict[str, Any],
+    log_dir: Path,
+) -> None:
+    registry: ModelRegistryResource = stores["registry"]
+    v1 = stores["versions"][0]
+    registry.promote(v1, "test")
+    result = dg.materialize(
+        [serve_assets.served_model, serve_assets.endpoint_serves_champion],
+        resources={
+            "registry": registry,
+            "warehouse": stores["warehouse"],
+            "ray_serve": ray_serve,
+            "prediction_log_files": PredictionLogResource(folder=str(log_dir)),
+        },
+    )
+    assert result.success
+    (materialization,) = result.asset_materializations_for_node("served_model")
+    metadata = materialization.metadata
+    assert metadata["version"].value == v1
+    assert metadata["endpoint"].value == config.url
+    assert metadata["replicas"].value == 1
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed, check.description
+    assert check.metadata["predict_version"].value == v1
+    assert live_health(config)["model_version"] == v1
+
+
+def test_check_fails_when_the_endpoint_is_not_the_champion(
+    config: ServeConfig,
+    stores: dict[str, Any],
+    ray_serve: RayResource,
+    first_deploy: dict[str, Any],
+    log_dir: Path,
+) -> None:
+    registry: ModelRegistryResource = stores["registry"]
+    served = live_health(config)["model_version"]
+    other = next(v for v in stores["versions"] if v != served)
+    registry.promote(other, "test: champion moved, endpoint not redeployed")
+    result = dg.materialize(
+        [serve_assets.served_model, serve_assets.endpoint_serves_champion],
+        resources={
+            "registry": registry,
+            "warehouse": stores["warehouse"],
+            "ray_serve": ray_serve,
+            "prediction_log_files": PredictionLogResource(folder=str(log_dir)),
+        },
+        selection=dg.AssetSelection.checks(serve_assets.endpoint_serves_champion),
+        raise_on_error=False,
+    )
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed
+    assert f"the champion is '{other}'" in check.description
+
+
+def test_served_model_fails_clearly_without_a_champion(tmp_path: Path) -> None:
+    result = dg.materialize(
+        [serve_assets.served_model],
+        resources={
+            "registry": ModelRegistryResource(root=str(tmp_path / "empty")),
+            "warehouse": WarehouseResource(root=str(tmp_path / "w"), reports_root=str(tmp_path)),
+            "ray_serve": RayResource(state_dir=str(tmp_path / "ray")),  # never reached
+            "prediction_log_files": PredictionLogResource(folder=str(tmp_path / "log")),
+        },
+        raise_on_error=False,
+    )
+    assert not result.success
+    failure = result.failure_data_for_node("served_model")
+    assert failure is not None
+    assert "no champion model to serve" in str(failure.error)
+
+
+# -- back-pressure ----------------------------------------------------------------------------
+
+
+def test_overload_gets_fast_503s_not_a_pile_up(
+    config: ServeConfig, stores: dict[str, Any], first_deploy: dict[str, Any]
+) -> None:
+    # A second, deliberately tiny app beside the main one: one request at a time, one queued.
+    tiny = config.model_copy(
+        update={
+            "app_name": "overload",
+            "route_prefix": "/overload",
+            "max_ongoing_requests": 1,
+            "max_queued_requests": 1,
+            "max_batch_size": 1,
+            "batch_bypass_records": 1,
+        }
+    )
+    deploy(tiny, stores["versions"][0])
+    try:
+        with Load(tiny.url, stores["records"]) as load:
+            time.sleep(2.0)
+        answers = load.all
+        statuses = {r[2] for r in answers}
+        assert statuses <= {200, 503}, statuses
+        shed = [r for r in answers if r[2] == 503]
+        served = [r for r in answers if r[2] == 200]
+        assert shed and served
+        shed_ms = sorted((r[1] - r[0]) * 1000 for r in shed)
+        print(
+            f"overload: {len(served)} answered, {len(shed)} shed with 503, "
+            f"p50 503 in {shed_ms[len(shed_ms) // 2]:.1f} ms"
+        )
+        assert shed_ms[len(shed_ms) // 2] < 100
+        # The main app is untouched.
+        assert live_health(config)["status_code"] == 200
+    finally:
+        serve.delete(tiny.app_name)
