@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 import pytest
+from realdata import valid_table
 
 from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.splits import assign_splits, split_months
@@ -16,22 +17,12 @@ from mlops_assets.features.transform import (
     WEATHER_FIELDS,
     build_features,
 )
-from mlops_assets.validate.quarantine import validate_table
-from mlops_assets.validate.schemas import TABLES
-from resources.package_data import read_package_table
-
-
-def _valid(table: str, month: int | None = None) -> pl.DataFrame:
-    raw = read_package_table(table)
-    if month is not None:
-        raw = raw.filter(pl.col("month") == month)
-    return validate_table(raw, TABLES[table], source="package", partition=None).valid
 
 
 @pytest.fixture(scope="module")
 def tables() -> dict[str, pl.DataFrame]:
-    return {"flights": _valid("flights", 1), "weather": _valid("weather", 1),
-            "planes": _valid("planes")}  # fmt: skip
+    return {"flights": valid_table("flights", 1), "weather": valid_table("weather", 1),
+            "planes": valid_table("planes")}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

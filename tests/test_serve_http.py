@@ -23,6 +23,7 @@ import polars as pl
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from realdata import valid_table
 
 from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.transform import (
@@ -38,9 +39,6 @@ from mlops_assets.serve.predictor import Predictor, PredictorError, time_predict
 from mlops_assets.serve.predlog import PredictionLog, read_prediction_log
 from mlops_assets.serve.schema import FlightRecord, predict_request_model
 from mlops_assets.train.model import Matrix, fit
-from mlops_assets.validate.quarantine import validate_table
-from mlops_assets.validate.schemas import TABLES
-from resources.package_data import read_package_table
 from resources.registry import ModelIntegrityError, ModelRegistryResource
 
 TOKEN = "s3cret-token"
@@ -50,19 +48,12 @@ MAX_RECORDS = 64
 # -- fixtures: real data, a real model, a real server ---------------------------------------
 
 
-def _valid(table: str, month: int | None = None) -> pl.DataFrame:
-    raw = read_package_table(table)
-    if month is not None:
-        raw = raw.filter(pl.col("month") == month)
-    return validate_table(raw, TABLES[table], source="package", partition=None).valid
-
-
 @pytest.fixture(scope="module")
 def tables() -> dict[str, pl.DataFrame]:
     return {
-        "flights": _valid("flights", 1),
-        "weather": _valid("weather"),
-        "planes": _valid("planes"),
+        "flights": valid_table("flights", 1),
+        "weather": valid_table("weather"),
+        "planes": valid_table("planes"),
     }
 
 

@@ -24,6 +24,7 @@ import polars as pl
 import pytest
 import ray
 from ray import serve
+from realdata import valid_table
 
 from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.transform import BOOKING_COLUMNS, FEATURES, LABEL, build_features
@@ -44,9 +45,6 @@ from mlops_assets.serve.ray_runtime import (
     stop_local_ray,
 )
 from mlops_assets.train.model import Matrix, fit
-from mlops_assets.validate.quarantine import validate_table
-from mlops_assets.validate.schemas import TABLES
-from resources.package_data import read_package_table
 from resources.prediction_log import PredictionLogResource
 from resources.ray import RayResource
 from resources.registry import ModelRegistryResource
@@ -63,13 +61,6 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _valid(table: str, month: int | None = None) -> pl.DataFrame:
-    raw = read_package_table(table)
-    if month is not None:
-        raw = raw.filter(pl.col("month") == month)
-    return validate_table(raw, TABLES[table], source="package", partition=None).valid
-
-
 # -- fixtures: a warehouse and registry with two real models, one local Ray ------------------
 
 
@@ -83,8 +74,8 @@ def home() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def stores(home: Path) -> dict[str, Any]:
-    flights = _valid("flights", 1)
-    weather, planes = _valid("weather"), _valid("planes")
+    flights = valid_table("flights", 1)
+    weather, planes = valid_table("weather"), valid_table("planes")
     warehouse = WarehouseResource(root=str(home / "warehouse"), reports_root=str(home / "reports"))
     warehouse.write("weather", weather, "2013-01")
     warehouse.write("planes", planes)
