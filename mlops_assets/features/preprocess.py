@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import cache
 
 import numpy as np
 import polars as pl
@@ -18,6 +19,15 @@ import polars as pl
 from mlops_assets.features.transform import CATEGORICAL_FEATURES, NUMERIC_FEATURES
 
 FORMAT_VERSION = 1
+
+
+@cache
+def _category_codes(categories: tuple[str, ...]) -> tuple[pl.Series, pl.Series]:
+    """Built once per category list: serving encodes a handful of rows per call."""
+    return (
+        pl.Series("key", categories, dtype=pl.String),
+        pl.Series("code", range(len(categories)), dtype=pl.Int32),
+    )
 
 
 @dataclass(frozen=True)
@@ -46,13 +56,8 @@ class Preprocessor:
         return cls(categories=categories, medians=medians, means=means, stds=stds)
 
     def _codes(self, column: str) -> pl.Expr:
-        mapping = pl.DataFrame(
-            {"key": self.categories[column], "code": range(len(self.categories[column]))},
-            schema={"key": pl.String, "code": pl.Int32},
-        )
-        return pl.col(column).replace_strict(
-            mapping["key"], mapping["code"], default=None, return_dtype=pl.Int32
-        )
+        keys, codes = _category_codes(tuple(self.categories[column]))
+        return pl.col(column).replace_strict(keys, codes, default=None, return_dtype=pl.Int32)
 
     def transform(self, features: pl.DataFrame) -> pl.DataFrame:
         """Model inputs for LightGBM: numeric as Float64 (nulls kept), categories as codes."""
