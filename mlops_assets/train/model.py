@@ -44,7 +44,7 @@ class Matrix:
 
     @classmethod
     def from_features(cls, frame: pl.DataFrame, preprocessor: Preprocessor) -> Matrix:
-        x = preprocessor.transform(frame).to_numpy(order="c").astype(np.float64)
+        x = preprocessor.transform(frame).to_numpy(order="c").astype(np.float64, copy=False)
         y = frame.get_column(LABEL).cast(pl.Float64).to_numpy() if LABEL in frame.columns else None
         return cls(x=x, y=y)
 
