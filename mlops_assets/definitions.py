@@ -9,6 +9,7 @@ from mlops_assets.explore import assets as explore
 from mlops_assets.features import assets as features
 from mlops_assets.ingest import assets as ingest
 from mlops_assets.monitor import assets as monitor
+from mlops_assets.monitor import sensors as loop
 from mlops_assets.serve import assets as serve
 from mlops_assets.serve import batch as serve_batch
 from mlops_assets.train import assets as train
@@ -28,6 +29,8 @@ defs = dg.Definitions(
         *monitor.assets,
     ],
     asset_checks=serve.asset_checks,
-    jobs=evaluate.jobs,
+    jobs=[*evaluate.jobs, *loop.jobs],
+    sensors=loop.sensors,
+    schedules=loop.schedules,
     resources=default_resources(),
 )

@@ -12,6 +12,7 @@ from resources.files import LandingFilesResource
 from resources.prediction_log import PredictionLogResource
 from resources.ray import RayResource
 from resources.registry import ModelRegistryResource
+from resources.retrain_policy import RetrainPolicyResource
 from resources.settings import mlops_paths
 from resources.warehouse import WarehouseIOManager, WarehouseResource
 from resources.weather import WeatherSourceResource
@@ -44,4 +45,7 @@ def default_resources() -> dict[str, Any]:
             api_token=_env("MLOPS_API_TOKEN"),
         ),
         "io_manager": WarehouseIOManager(warehouse=warehouse),
+        "retrain_policy": RetrainPolicyResource(
+            cooldown_seconds=int(os.environ.get("MLOPS_RETRAIN_COOLDOWN_SECONDS") or 120)
+        ),
     }

@@ -34,15 +34,23 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "served_model": ("serve", {"champion_model"}),
     "batch_predictions": ("serve", {"flights", "weather", "planes", "champion_model"}),
     "prediction_log": ("monitor", set()),
+    "flight_drift": ("monitor", {"flight_features", "champion_model"}),
+    "champion_performance": ("monitor", {"flight_features", "champion_model"}),
+    "live_traffic_drift": ("monitor", {"prediction_log", "champion_model"}),
 }
 MONTHLY = {"raw_flights", "raw_weather", "flights", "weather", "flight_features",
-           "batch_predictions"}  # fmt: skip
-DAILY = {"prediction_log"}
+           "batch_predictions", "flight_drift", "champion_performance"}  # fmt: skip
+DAILY = {"prediction_log", "live_traffic_drift"}
 BLOCKING_CHECKS = {
     (table, "quarantine_share_below_threshold")
     for table in ("flights", "weather", "planes", "airports", "airlines")
 } | {("model_evaluation", "promotion_gate")}
-NON_BLOCKING_CHECKS = {("served_model", "endpoint_serves_champion")}
+NON_BLOCKING_CHECKS = {
+    ("served_model", "endpoint_serves_champion"),
+    ("flight_drift", "drift_share_below_threshold"),
+    ("champion_performance", "auc_decay_within_tolerance"),
+    ("live_traffic_drift", "live_drift_share_below_threshold"),
+}
 
 
 def test_asset_graph_is_pinned() -> None:
@@ -69,7 +77,25 @@ def test_checks_are_pinned_and_blocking() -> None:
 
 def test_jobs_are_pinned() -> None:
     jobs = {job.name for job in defs.resolve_all_job_defs()} - {"__ASSET_JOB"}
-    assert jobs == {"rollback_job"}
+    assert jobs == {"rollback_job", "ingest_month", "retrain"}
+
+
+def test_the_loop_is_automated_by_default() -> None:
+    repo = defs.get_repository_def()
+    sensors = {s.name: s for s in repo.sensor_defs}
+    assert set(sensors) == {"landing_sensor", "retrain_sensor", "monitor_automation"}
+    assert all(s.default_status == dg.DefaultSensorStatus.RUNNING for s in sensors.values())
+    assert sensors["landing_sensor"].job_name == "ingest_month"
+    assert sensors["retrain_sensor"].job_name == "retrain"
+    (schedule,) = repo.schedule_defs
+    assert (schedule.name, schedule.job_name) == ("weekly_retrain", "retrain")
+    graph = defs.resolve_asset_graph()
+    automated = {
+        key.to_user_string()
+        for key in graph.get_all_asset_keys()
+        if graph.get(key).automation_condition is not None
+    }
+    assert automated == {"prediction_log", "live_traffic_drift"}
 
 
 def test_monthly_partitions_cover_2013() -> None:

@@ -1,0 +1,15 @@
+"""The retrain sensor's policy: cooldown and which signals may start a retrain."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+
+class RetrainPolicyResource(dg.ConfigurableResource):
+    """How eagerly the loop retrains (the drift and decay thresholds live in the monitor assets'
+    config)."""
+
+    cooldown_seconds: int = 120
+    """After a retrain starts, triggered months wait this long and are then retrained together."""
+    retrain_on_drift: bool = True
+    retrain_on_decay: bool = True
