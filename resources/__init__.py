@@ -43,9 +43,11 @@ def default_resources() -> dict[str, Any]:
             address=_env("RAY_ADDRESS"),
             state_dir=str(paths.home / "ray"),
             api_token=_env("MLOPS_API_TOKEN"),
+            http_port=int(os.environ.get("MLOPS_SERVE_PORT") or 8000),
         ),
         "io_manager": WarehouseIOManager(warehouse=warehouse),
         "retrain_policy": RetrainPolicyResource(
-            cooldown_seconds=int(os.environ.get("MLOPS_RETRAIN_COOLDOWN_SECONDS") or 120)
+            cooldown_seconds=int(os.environ.get("MLOPS_RETRAIN_COOLDOWN_SECONDS") or 120),
+            n_trials=int(os.environ.get("MLOPS_RETRAIN_TRIALS") or 0),
         ),
     }

@@ -13,3 +13,5 @@ class RetrainPolicyResource(dg.ConfigurableResource):
     """After a retrain starts, triggered months wait this long and are then retrained together."""
     retrain_on_drift: bool = True
     retrain_on_decay: bool = True
+    n_trials: int = 0
+    """Optuna trials for automatic retrains; 0 keeps the challenger_model default."""

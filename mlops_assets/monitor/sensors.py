@@ -10,8 +10,9 @@
   importance-weighted drift or the champion's AUC decay passes its threshold (the thresholds
   are the monitor assets' config, shown in their checks). Decisions are recorded, with their
   reason, in the registry's decision log and as an observation on the month's drift partition.
-  Hysteresis: while a retrain runs, or within the cooldown after one started, further triggered
-  months wait and are then covered by *one* retrain (whose rolling window includes them all).
+  Hysteresis: while a retrain or an ingest runs, or within the cooldown after a retrain
+  started, triggered months wait and are then covered by *one* retrain (whose rolling window
+  includes them all). With no champion yet, the first ingested months start the first training.
 - ``retrain`` runs training set → challenger → evaluation and the blocking promotion gate →
   champion alias → in-place swap on Ray Serve. A rejected challenger stops at the gate.
 - ``weekly_retrain`` is the fallback schedule; ``monitor_automation`` keeps the prediction log
@@ -185,7 +186,11 @@ def retrain_sensor(
         month = run.tags.get("dagster/partition")
         if run.run_id in decided or month is None:
             continue
-        verdict = judge(instance, month, retrain_policy)
+        verdict = (
+            judge(instance, month, retrain_policy)
+            if registry.champion()
+            else Verdict(month, True, "no champion yet: train the first model on the landed months")
+        )
         decided.append(run.run_id)
         registry.record_decision(
             "retrain" if verdict.retrain else "no_retrain", registry.champion(), verdict.reason,
@@ -208,12 +213,16 @@ def retrain_sensor(
     requests: list[dg.RunRequest] = []
     skip = None
     if pending:
-        active = instance.get_run_records(
-            dg.RunsFilter(job_name=RETRAIN_JOB, statuses=ACTIVE), limit=1
-        )
+        # Retrain once ingestion is quiet, so the rolling window holds every landed month.
+        active = [
+            r
+            for job in (RETRAIN_JOB, INGEST_JOB)
+            for r in instance.get_run_records(dg.RunsFilter(job_name=job, statuses=ACTIVE), limit=1)
+        ]
         wait = retrain_policy.cooldown_seconds - (time.time() - last_retrain)
         if active:
-            skip = f"{sorted(pending)} wait: retrain run {active[0].dagster_run.run_id} is active"
+            run = active[0].dagster_run
+            skip = f"{sorted(pending)} wait: {run.job_name} run {run.run_id} is active"
         elif wait > 0:
             skip = f"{sorted(pending)} wait: cooldown, {wait:.0f} s left"
         else:
@@ -221,9 +230,13 @@ def retrain_sensor(
             # Deterministic key: re-evaluating the same ingest runs after a crash between
             # launching the run and saving the cursor asks for the same run, which Dagster skips.
             key = hashlib.sha256(json.dumps([months, decided[-50:]]).encode()).hexdigest()[:16]
+            trials = retrain_policy.n_trials
             requests.append(
                 dg.RunRequest(
                     run_key=f"retrain:{'+'.join(months)}:{key}",
+                    run_config={"ops": {"challenger_model": {"config": {"n_trials": trials}}}}
+                    if trials
+                    else {},
                     tags={
                         "mlops/trigger": "monitor",
                         "mlops/months": ",".join(months),
