@@ -84,6 +84,31 @@ def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
             proc.wait()
 
 
+REFERENCE_ASSETS = ["raw_planes", "planes", "raw_airports", "airports", "raw_airlines", "airlines"]
+
+
+def _materialize_reference_tables(dagster_home: str) -> None:
+    """The unpartitioned reference tables every month's features join; once, before the daemon
+    starts turning landed months into runs (``landing_sensor``)."""
+    import dagster as dg
+
+    from mlops_assets.definitions import defs
+
+    os.environ["DAGSTER_HOME"] = dagster_home
+    warehouse = defs.resources["warehouse"]
+    if all(warehouse.partitions(t) for t in ("planes", "airports", "airlines")):
+        return
+    _echo("materializing the reference tables (planes, airports, airlines) ...")
+    with dg.DagsterInstance.get() as instance:
+        result = dg.materialize(
+            list(defs.assets), selection=REFERENCE_ASSETS, instance=instance,
+            resources=dict(defs.resources), raise_on_error=False,
+        )  # fmt: skip
+    if not result.success:
+        _echo("error: the reference tables failed to materialize; see the Dagster UI")
+        raise typer.Exit(code=1)
+
+
 @app.command()
 def up(
     port: Annotated[int, typer.Option(help="Dagster UI port.")] = 3000,
@@ -96,6 +121,7 @@ def up(
             land_month(month, paths.landing)
             _echo(f"landed {month}")
     env = {**os.environ, "DAGSTER_HOME": str(_dagster_home()), "MLOPS_HOME": str(paths.home)}
+    _materialize_reference_tables(env["DAGSTER_HOME"])
     bin_dir = Path(sys.executable).parent
     workspace = str(PROJECT_ROOT / "workspace.yaml")
     commands = [

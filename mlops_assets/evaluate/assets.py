@@ -162,7 +162,8 @@ def model_evaluation(
     train = training_set.filter(pl.col("split") == "train")
     base_rate = float(train.get_column(LABEL).mean())
     preprocessor = Preprocessor.from_json(challenger.preprocessor_json)
-    linear = LogisticRegression(C=1.0, max_iter=500, random_state=0)
+    # Newton-Cholesky: a few exact steps on many rows and ~130 columns (lbfgs needs ~120).
+    linear = LogisticRegression(C=1.0, max_iter=500, random_state=0, solver="newton-cholesky")
     linear.fit(preprocessor.transform_linear(train), train.get_column(LABEL).to_numpy())
 
     predictions: dict[str, dict[str, np.ndarray]] = {}
