@@ -34,6 +34,25 @@ class RayResource(dg.ConfigurableResource):
     api_token: str = Field(
         default="", description="bearer token the endpoint requires (MLOPS_API_TOKEN); empty: none"
     )
+    direct_ingress: bool = Field(
+        default=False,
+        description="local head only: each serving replica also answers HTTP on its own port "
+        "(Ray Serve direct ingress, no proxy hop); the proxy port keeps answering too",
+    )
+    direct_ingress_min_port: int = Field(
+        default=30000, description="first port handed to a direct-ingress replica"
+    )
+
+    def head_environment(self) -> dict[str, str]:
+        """Feature flags the local head is started with (Ray reads them at process start)."""
+        if not self.direct_ingress:
+            return {}
+        return {
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(self.direct_ingress_min_port),
+            # Ray's default range is 1000 ports wide; keep its width from our start.
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(self.direct_ingress_min_port + 1000),
+        }
 
     @property
     def is_local(self) -> bool:
@@ -49,7 +68,12 @@ class RayResource(dg.ConfigurableResource):
             from mlops_assets.serve.ray_runtime import start_local_ray
 
             temp_dir = Path(self.temp_dir) if self.temp_dir else default_temp_dir(self.state_dir)
-            address = start_local_ray(self.state_dir, num_cpus=self.num_cpus, temp_dir=temp_dir)
+            address = start_local_ray(
+                self.state_dir,
+                num_cpus=self.num_cpus,
+                temp_dir=temp_dir,
+                extra_env=self.head_environment(),
+            )
             # The driver must agree with the head on auth and temp dir (Ray reads the env).
             os.environ.update(ray_environment(temp_dir))
         else:

@@ -34,8 +34,9 @@ from mlops_assets.features.transform import (
     WEATHER_FIELDS,
     build_features,
 )
+from mlops_assets.serve import fastpath
 from mlops_assets.serve.app import build_app
-from mlops_assets.serve.predictor import Predictor, PredictorError, time_predict
+from mlops_assets.serve.predictor import INPUT_SCHEMA, Predictor, PredictorError, time_predict
 from mlops_assets.serve.predlog import PredictionLog, read_prediction_log
 from mlops_assets.serve.schema import FlightRecord, predict_request_model
 from mlops_assets.train.model import Matrix, fit
@@ -168,6 +169,52 @@ def test_serving_features_equal_training_features(
     assert serving.select(FEATURE_NAMES).equals(training.select(FEATURE_NAMES))
     assert serving.get_column("flight").equals(flights.get_column("flight"))
     assert training.get_column("temp").null_count() < training.height
+
+
+def test_fast_path_inputs_are_the_training_matrix(
+    tables: dict[str, pl.DataFrame], trained: dict[str, Any], predictor: Predictor
+) -> None:
+    # Every January flight, the load-time sample (DST days, unknown codes and tails, weather
+    # sent with the booking) and one record per weather override: what training would feed.
+    assert predictor.fast_path_status.startswith("on, verified")
+    records = booking_records(tables["flights"])
+    records += fastpath.sample_records(tables["weather"], tables["planes"])
+    records += [{**GOOD, w: 12.5} for w in WEATHER_FIELDS]
+    flights = pl.DataFrame(records, schema=INPUT_SCHEMA)
+    training = Matrix.from_features(
+        build_features(flights, tables["weather"], tables["planes"]), trained["preprocessor"]
+    ).x
+    served = np.vstack(
+        [predictor.matrix(records[i : i + 256]) for i in range(0, len(records), 256)]
+    )
+    assert served.shape == training.shape
+    assert np.array_equal(served, training, equal_nan=True)
+    assert predictor.probabilities(records[:200]).tolist() == (
+        predictor.booster.predict(training[:200]).tolist()
+    )
+
+
+def test_fast_path_that_differs_or_does_not_know_the_features_is_not_used(
+    tables: dict[str, pl.DataFrame], trained: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stored = trained["registry"].load(trained["version"])
+    records = booking_records(tables["flights"].head(5))
+    expected = Predictor.from_stored(
+        stored, tables["planes"], tables["weather"], fast_path=False
+    ).probabilities(records)
+    real_matrix = fastpath.FastMatrix.matrix
+    monkeypatch.setattr(
+        fastpath.FastMatrix, "matrix", lambda self, recs: real_matrix(self, recs) + 1e-9
+    )
+    skewed = Predictor.from_stored(stored, tables["planes"], tables["weather"])
+    assert skewed.fast_path_status.startswith("off: differs from the feature function")
+    assert skewed.probabilities(records).tolist() == expected.tolist()
+    monkeypatch.undo()
+    monkeypatch.setattr(fastpath, "KNOWN_FEATURES", ("dep_hour",))
+    unknown = Predictor.from_stored(stored, tables["planes"], tables["weather"])
+    assert unknown.fast_path_status.startswith("off: the feature list changed")
+    assert unknown.describe()["serving"]["fast_path"] == unknown.fast_path_status
+    assert unknown.probabilities(records).tolist() == expected.tolist()
 
 
 def test_http_predictions_equal_booster_predict_on_training_features(

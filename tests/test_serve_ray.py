@@ -3,11 +3,13 @@
 One local Ray head for the module, started the way the pipeline starts it (``RayResource`` ->
 ``start_local_ray``: detached ``ray start --head --block`` in its own session, its own temp dir,
 2 CPUs, auth off) and stopped at the end by its PID and session, never ``ray stop``; the
-teardown asserts none of its processes is left.
+teardown asserts none of its processes is left. The head runs with direct ingress on, so every
+request path is tested: the Serve proxy (the contract's URL) and each replica's own port.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -25,6 +27,7 @@ import pytest
 import ray
 from ray import serve
 from realdata import valid_table
+from test_serve_http import BAD_PAYLOADS, GOOD
 
 from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.transform import BOOKING_COLUMNS, FEATURES, LABEL, build_features
@@ -33,6 +36,7 @@ from mlops_assets.serve.deployment import (
     DeployError,
     ServeConfig,
     deploy,
+    direct_ingress_urls,
     live_health,
     replica_infos,
 )
@@ -110,10 +114,18 @@ def stores(home: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def ray_serve(home: Path) -> Iterator[RayResource]:
     resource = RayResource(
-        state_dir=str(home / "ray"), temp_dir=str(home / "rt"), http_port=_free_port()
+        state_dir=str(home / "ray"),
+        temp_dir=str(home / "rt"),
+        http_port=_free_port(),
+        direct_ingress=True,
+        direct_ingress_min_port=_free_port(),
     )
     started = time.monotonic()
-    resource.ensure_connected()
+    # A removed direct-ingress replica drains >= 30 s by default (for load balancers); tests
+    # delete apps, and have no balancer to wait for.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+        resource.ensure_connected()
     head = local_ray(resource.state_dir)
     assert head is not None
     print(f"local Ray head up in {time.monotonic() - started:.1f}s at {head.address}")
@@ -211,6 +223,65 @@ def test_first_deploy_serves_v1_with_the_contract(
         assert "/predict" in client.get("/openapi.json").json()["paths"]
 
 
+def _direct_url(config: ServeConfig) -> str:
+    (url,) = direct_ingress_urls(config)  # one replica: one port of its own
+    return url
+
+
+def test_direct_ingress_serves_the_same_contract_on_the_replica_s_port(
+    config: ServeConfig, stores: dict[str, Any], first_deploy: dict[str, Any]
+) -> None:
+    url = _direct_url(config)
+    assert first_deploy["direct_endpoints"] == [url] and url != config.url
+    assert url.startswith(f"http://{config.http_host}:")
+    records = stores["records"][:2]
+    with httpx.Client(base_url=url, timeout=20) as client:
+        response = client.post("/predict", json={"flights": records})
+        assert response.status_code == 200, response.text
+        assert len(response.headers.get_list("x-request-id")) == 1
+        version = response.headers["x-model-version"]
+        assert response.json()["model_version"] == version
+        assert client.get("/healthz").json() == {"status": "ok", "model_version": version}
+        assert client.get("/model").json()["serving"]["fast_path"].startswith("on, verified")
+    with httpx.Client(base_url=config.url, timeout=20) as client:
+        via_proxy = client.post("/predict", json={"flights": records}).json()
+    assert via_proxy == response.json()
+
+
+def _bad_cases(config: ServeConfig) -> list[tuple[str, bytes, dict[str, str], int]]:
+    """The HTTP tests' bad payloads, sized for this app's limits, plus an oversized body."""
+    json_type = {"content-type": "application/json"}
+    too_many = json.dumps({"flights": [GOOD] * (config.max_records + 1)}).encode()
+    cases = [
+        (name, too_many if name == "too-many-records" else body, headers, status)
+        for name, body, headers, status, _ in BAD_PAYLOADS
+    ]
+    oversized = b'{"flights": [' + b" " * config.max_body_bytes + b"]}"
+    return [*cases, ("oversized-body", oversized, json_type, 413)]
+
+
+def test_bad_payloads_through_ray_get_4xx_and_never_restart_the_replica(
+    config: ServeConfig, first_deploy: dict[str, Any]
+) -> None:
+    cases = _bad_cases(config)
+    assert len({body for _, body, _, _ in cases}) >= 25
+    (before,) = replica_infos(config)
+    seen: dict[str, list[int]] = {}
+    for url in (config.url, _direct_url(config)):
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for name, body, headers, status in cases:
+                response = client.post("/predict", content=body, headers=headers)
+                seen.setdefault(name, []).append(response.status_code)
+                assert response.status_code == status, (url, name, response.text[:300])
+                assert response.headers.get("x-request-id"), (url, name)
+                assert isinstance(response.json()["detail"], str | list)
+            assert client.get("/healthz").status_code == 200
+    assert all(code < 500 for codes in seen.values() for code in codes)
+    (after,) = replica_infos(config)
+    assert (after["replica_id"], after["pid"]) == (before["replica_id"], before["pid"])
+    assert after["last_error"] is None
+
+
 # -- zero-downtime swap under load ------------------------------------------------------------
 
 
@@ -261,12 +332,18 @@ def test_swap_under_concurrent_load_loses_nothing(
 ) -> None:
     v1, v2 = stores["versions"]
     before = replica_infos(config)
-    with Load(config.url, stores["records"]) as load:
+    direct = _direct_url(config)
+    with Load(config.url, stores["records"]) as load, Load(direct, stores["records"]) as fast:
         time.sleep(1.5)
         started = time.monotonic()
         result = deploy(config, v2)
         done = time.monotonic()
         time.sleep(1.5)
+    # On the replica's own port too: nothing lost, v1 then v2, and the port stays.
+    assert {r[2] for r in fast.all} == {200}
+    assert {r[3] for r in fast.all} == {v1, v2}
+    assert {r[3] for r in fast.all if r[0] >= done} == {v2}
+    assert direct_ingress_urls(config) == [direct] == result["direct_endpoints"]
     answers = load.all
     failures = [r for r in answers if not 200 <= r[2] < 300]
     assert not failures, failures[:5]
@@ -495,3 +572,46 @@ def test_overload_gets_fast_503s_not_a_pile_up(
         assert live_health(config)["status_code"] == 200
     finally:
         serve.delete(tiny.app_name)
+
+
+# -- several replicas: one metrics view -------------------------------------------------------
+
+
+def test_metrics_count_every_replica_whichever_answers_the_scrape(
+    config: ServeConfig, stores: dict[str, Any], first_deploy: dict[str, Any]
+) -> None:
+    multi = config.model_copy(
+        update={
+            "app_name": "multi",
+            "route_prefix": "/multi",
+            "num_replicas": 2,
+            "replica_num_cpus": 0.5,
+        }
+    )
+    version = stores["versions"][0]
+    deploy(multi, version)
+    try:
+        infos = replica_infos(multi)
+        assert len({r["pid"] for r in infos}) == 2
+        urls = direct_ingress_urls(multi)
+        assert len(urls) == 2
+        for url in urls:  # each replica's own port: both replicas surely answer some
+            with httpx.Client(base_url=url, timeout=20) as client:
+                for record in stores["records"][:15]:
+                    assert _predict(client, record).status_code == 200
+        with httpx.Client(base_url=multi.url, timeout=20) as client:
+            for record in stores["records"][:10]:
+                assert _predict(client, record).status_code == 200
+        assert all(r["batches"] > 0 for r in replica_infos(multi))
+        pattern = rf'mlops_serve_predictions_total{{model_version="{version}"}} (\S+)'
+        scrapes = [
+            *(httpx.get(f"{url}/metrics", timeout=10).text for url in urls),
+            *(httpx.get(f"{multi.url}/metrics", timeout=10).text for _ in range(4)),
+        ]
+        totals = {float(re.search(pattern, text).group(1)) for text in scrapes}
+        assert totals == {40.0}, totals
+        assert all(
+            f'mlops_serve_model_loaded{{model_version="{version}"}} 1.0' in t for t in scrapes
+        )
+    finally:
+        serve.delete(multi.app_name)

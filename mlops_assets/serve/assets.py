@@ -104,6 +104,10 @@ def served_model(
             "version": dg.MetadataValue.text(version),
             "endpoint": dg.MetadataValue.url(result["endpoint"]),
             "docs": dg.MetadataValue.url(f"{result['endpoint']}/docs"),
+            # Ray direct ingress (RayResource.direct_ingress): each replica's own port, no proxy.
+            "direct_endpoints": dg.MetadataValue.text(
+                ", ".join(result["direct_endpoints"]) or "none (direct ingress off)"
+            ),
             "mode": dg.MetadataValue.text(result["mode"]),
             "previous_versions": dg.MetadataValue.text(
                 ", ".join(str(v) for v in result["previous_versions"]) or "none"

@@ -26,6 +26,18 @@ How a new model goes live (:func:`deploy`):
 4. The version is recorded (with a generation number) in ``state_dir``, so a replica restarted
    by Serve later loads the version deployed last, not the one it was first created with.
 5. ``GET /healthz`` on the live endpoint must report the version, or the deploy raises.
+
+Direct ingress (``RayResource(direct_ingress=True)``: ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` in
+the local head's environment): each replica also serves the app on a port of its own
+(:func:`direct_ingress_urls`, ``direct_endpoints`` in the deploy result), with no proxy hop,
+~4x the proxy's throughput here. The in-place swap keeps that port (the replica stays); a
+replica that Serve replaces (a changed configuration, a crash) comes back on another port, and
+several replicas have several ports (a balancer in front, e.g. Ray's HAProxy mode, is then the
+stable address). The proxy URL keeps answering throughout.
+
+Metrics: every replica of an app writes its Prometheus values to ``<state_dir>/metrics/<app>``
+(``PROMETHEUS_MULTIPROC_DIR`` via the replica's ``runtime_env``), so ``/metrics`` from any
+replica shows the app's totals (see :mod:`mlops_assets.serve.metrics`).
 """
 
 from __future__ import annotations
@@ -115,6 +127,11 @@ class ServeConfig(BaseModel):
         return f"http://{self.http_host}:{self.http_port}{self.route_prefix.rstrip('/')}"
 
     @property
+    def metrics_dir(self) -> str | None:
+        """Where the replicas of this app share their Prometheus values (see ``metrics.py``)."""
+        return str(Path(self.state_dir) / "metrics" / self.app_name) if self.state_dir else None
+
+    @property
     def state_path(self) -> Path | None:
         return Path(self.state_dir) / f"{self.app_name}{STATE_SUFFIX}" if self.state_dir else None
 
@@ -185,7 +202,7 @@ class ModelServer:
         context = serve.get_replica_context()
         self._replica_id = context.replica_id.unique_id
         self._actor_name = context.replica_id.to_full_id_str()
-        self._metrics = ServeMetrics()
+        self._metrics = ServeMetrics(multiprocess_dir=config.metrics_dir)
         self._batch_requests = Histogram(
             f"{PREFIX}_serve_batch_requests",
             "Requests scored together in one @serve.batch call.",
@@ -382,11 +399,17 @@ def build_serve_app(config: ServeConfig | dict[str, Any]) -> serve.Application:
             f"max_batch_size ({config.max_batch_size}) or batches can never fill"
         )
     target = _target_for(config, version, time.time_ns())
+    actor_options: dict[str, Any] = {"num_cpus": config.replica_num_cpus}
+    if config.metrics_dir is not None:
+        # Read by prometheus_client when the replica imports it: values go to shared files.
+        actor_options["runtime_env"] = {
+            "env_vars": {"PROMETHEUS_MULTIPROC_DIR": config.metrics_dir}
+        }
     deployment = serve.deployment(
         ModelServer,
         name=DEPLOYMENT_NAME,
         num_replicas=config.num_replicas,
-        ray_actor_options={"num_cpus": config.replica_num_cpus},
+        ray_actor_options=actor_options,
         user_config=target.model_dump(),
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
@@ -479,6 +502,32 @@ def live_health(config: ServeConfig, timeout_s: float = 5.0) -> dict[str, Any]:
     return {"status_code": response.status_code, **body}
 
 
+def direct_ingress_urls(config: ServeConfig) -> list[str]:
+    """Each running replica's own HTTP endpoint when Ray runs with direct ingress (else ``[]``).
+
+    With ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` in the head's environment, every ingress replica
+    serves the app itself on a port Serve allocates (from
+    ``RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT``), bound to ``config.http_host``, with no proxy
+    hop; the proxy at ``config.url`` keeps answering too. Read from Serve's target groups.
+    """
+    from ray.serve.context import _get_global_client
+
+    try:
+        details = _get_global_client().get_serve_details()
+    except Exception:  # no Serve instance yet
+        return []
+    prefix = config.route_prefix.rstrip("/")
+    urls = []
+    for group in details.get("target_groups", []):
+        if group.get("app_name") != config.app_name or str(group.get("protocol")) not in (
+            "HTTP",
+            "RequestProtocol.HTTP",
+        ):
+            continue
+        urls += [f"http://{config.http_host}:{t['port']}{prefix}" for t in group["targets"]]
+    return sorted(set(urls))
+
+
 def _confirm_live(config: ServeConfig, version: str, timeout_s: float = 30.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     last: dict[str, Any] | str = "no answer"
@@ -512,7 +561,8 @@ def deploy(config: ServeConfig, version: str, *, verify_locally: bool = True) ->
 
     Returns:
         ``version``, ``previous_versions``, ``mode`` (``"swap"`` or ``"deploy"``),
-        ``endpoint``, ``replicas`` (each replica's info), ``health`` and ``seconds``.
+        ``endpoint``, ``direct_endpoints`` (each replica's own URL under direct ingress, else
+        empty), ``replicas`` (each replica's info), ``health`` and ``seconds``.
     """
     started = time.perf_counter()
     config = config.model_copy(update={"model_version": version})
@@ -561,6 +611,7 @@ def deploy(config: ServeConfig, version: str, *, verify_locally: bool = True) ->
         "previous_versions": previous,
         "mode": mode,
         "endpoint": config.url,
+        "direct_endpoints": direct_ingress_urls(config),
         "replicas": replicas,
         "health": health,
         "seconds": round(time.perf_counter() - started, 3),

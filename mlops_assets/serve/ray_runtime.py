@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from resources.storage import write_text_atomic
@@ -63,6 +63,8 @@ class LocalRay:
     num_cpus: int
     started_at: str
     log_file: str
+    env: dict[str, str] = field(default_factory=dict)
+    """The ``extra_env`` the head was started with (feature flags such as direct ingress)."""
 
 
 def ray_environment(temp_dir: str | Path) -> dict[str, str]:
@@ -229,6 +231,15 @@ def start_local_ray(
                     running.num_cpus,
                     num_cpus,
                 )
+            if running.env != dict(extra_env or {}):
+                # Ray reads its feature flags when its processes start: a running head keeps its.
+                log.warning(
+                    "reusing the local Ray head at %s started with %s (asked for %s); stop it "
+                    "to change them",
+                    running.address,
+                    running.env,
+                    dict(extra_env or {}),
+                )
             return running.address
         stale = _read_state(root)
         if stale is not None:
@@ -290,6 +301,7 @@ def start_local_ray(
             num_cpus=num_cpus,
             started_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             log_file=str(log_path),
+            env=dict(extra_env or {}),
         )
         # Record it before waiting, so a failed start can still be cleaned up by stop_local_ray.
         write_text_atomic(json.dumps(asdict(state), indent=1), root / STATE_FILE)
