@@ -16,7 +16,13 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from mlops_assets.evaluate.metrics import binary_metrics
-from mlops_assets.features.transform import FEATURES, LABEL, build_features
+from mlops_assets.features.transform import (
+    BOOKING_COLUMNS,
+    FEATURES,
+    LABEL,
+    WEATHER_FIELDS,
+    build_features,
+)
 from mlops_assets.metadata import markdown_table, png_markdown, table_metadata
 from mlops_assets.monitor.drift import DriftResult, measure_drift
 from mlops_assets.partitions import MONTHLY
@@ -371,7 +377,9 @@ def live_traffic_drift(
             description=f"skipped: {reason}",
         )  # fmt: skip
         return
-    inputs = answered.select(pl.col("inputs").struct.unnest())
+    inputs = answered.select(
+        *BOOKING_COLUMNS, *(c for c in WEATHER_FIELDS if c in answered.columns)
+    )
     weather = warehouse.read("weather")
     planes = warehouse.read("planes")
     current = build_features(inputs, weather, planes)
