@@ -220,8 +220,7 @@ def asset_extras(home: Path, instance: Any, repeats: int) -> dict[str, float]:
     import polars as pl
 
     from mlops_assets.features.preprocess import Preprocessor
-    from mlops_assets.metadata import latest_materialization, markdown_table, png_markdown
-    from mlops_assets.train.assets import _search_plot
+    from mlops_assets.metadata import latest_materialization, markdown_table
     from mlops_assets.train.model import Matrix
     from mlops_assets.version import code_version
     from resources.registry import ModelRegistryResource
@@ -264,7 +263,6 @@ def asset_extras(home: Path, instance: Any, repeats: int) -> dict[str, float]:
         {s: sorted(f.get_column("month_key").unique().to_list()) for s, f in splits.items()}
 
     steps: dict[str, Callable[[], object]] = {
-        "search plot (matplotlib PNG, base64)": lambda: png_markdown(_search_plot(trials), "s"),
         "registry.register (3 atomic files, lock)": lambda: registry.register(
             model_text, preprocessor_json, {"params": {}}
         ),

@@ -100,7 +100,7 @@ def test_first_model_is_trained_evaluated_and_promoted(prepared, tmp_path: Path)
     trained = metadata(result, "challenger_model")
     version = trained["version"]
     assert trained["trials"] == 2 and "learning_rate" in trained["best_params"]
-    assert "data:image/png;base64," in trained["search_plot"]
+    assert trained["trial_table"].splitlines()[0].startswith("| trial |")
     registry = resources["registry"]
     assert registry.champion() == version
     manifest = registry.manifest(version)

@@ -2,13 +2,12 @@
 
 import dagster as dg
 import polars as pl
-from matplotlib.figure import Figure
 
 from mlops_assets.evaluate.metrics import binary_metrics
 from mlops_assets.features.assets import PREPROCESSOR_FILE
 from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.transform import FEATURES, LABEL
-from mlops_assets.metadata import latest_materialization, markdown_table, png_markdown
+from mlops_assets.metadata import latest_materialization, markdown_table
 from mlops_assets.train.model import BASE_PARAMS, Matrix, SearchSettings, search
 from mlops_assets.version import code_version
 from resources.registry import ModelRegistryResource
@@ -23,25 +22,6 @@ class TrainConfig(dg.Config):
     of trials, and so the model bytes, depend on the machine's speed)."""
     seed: int = 13
     num_threads: int = 2
-
-
-def _search_plot(trials: pl.DataFrame) -> bytes:
-    import io
-
-    fig = Figure(figsize=(6, 3))
-    ax = fig.subplots()
-    done = trials.filter(pl.col("valid_auc").is_not_null())
-    for state, color in [("COMPLETE", "tab:blue"), ("PRUNED", "tab:grey")]:
-        part = done.filter(pl.col("state") == state)
-        ax.scatter(part["trial"], part["valid_auc"], label=state.lower(), color=color)
-    best = done.filter(pl.col("state") == "COMPLETE")["valid_auc"].cum_max()
-    ax.plot(done.filter(pl.col("state") == "COMPLETE")["trial"], best, color="tab:orange",
-            label="best so far")  # fmt: skip
-    ax.set(xlabel="trial", ylabel="validation AUC", title="Optuna search")
-    ax.legend(fontsize=8)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
-    return buffer.getvalue()
 
 
 def _partition_versions(
@@ -135,7 +115,6 @@ def challenger_model(
             "search_seconds": dg.MetadataValue.float(round(result.seconds, 2)),
             "best_params": dg.MetadataValue.md(markdown_table(best, 20)),
             "trial_table": dg.MetadataValue.md(markdown_table(result.trials, 50)),
-            "search_plot": dg.MetadataValue.md(png_markdown(_search_plot(result.trials), "search")),
             "train_months": dg.MetadataValue.text(", ".join(months["train"])),
             "code_version": dg.MetadataValue.text(manifest["code_version"]),
         }
