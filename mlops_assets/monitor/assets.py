@@ -80,6 +80,15 @@ def _reference(warehouse: WarehouseResource, model: StoredModel) -> pl.DataFrame
     return warehouse.read("flight_features", months)
 
 
+def _skipped(check_name: str, reason: str) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    """A materialization that says why nothing was measured, and a passing (skipped) check."""
+    yield dg.MaterializeResult(metadata={"skipped": dg.MetadataValue.text(reason)})
+    yield dg.AssetCheckResult(
+        check_name=check_name, passed=True, severity=dg.AssetCheckSeverity.WARN,
+        description=f"skipped: {reason}",
+    )  # fmt: skip
+
+
 def _drift_metadata(result: DriftResult, report: str | None) -> dict[str, dg.MetadataValue]:
     table = result.table().with_columns(pl.col("score", "importance").round(4))
     drifted = [c.column for c in result.columns if c.drifted]
@@ -156,12 +165,9 @@ def flight_drift(
     month = context.partition_key
     champion = _champion(registry)
     if champion is None:
-        reason = "no champion yet: drift is measured against the champion's training data"
-        yield dg.MaterializeResult(metadata={"skipped": dg.MetadataValue.text(reason)})
-        yield dg.AssetCheckResult(
-            check_name=DRIFT_CHECK, passed=True, severity=dg.AssetCheckSeverity.WARN,
-            description=f"skipped: {reason}",
-        )  # fmt: skip
+        yield from _skipped(
+            DRIFT_CHECK, "no champion yet: drift is measured against the champion's training data"
+        )
         return
     current = warehouse.read("flight_features", [month])
     reference = _reference(warehouse, champion)
@@ -238,12 +244,7 @@ def champion_performance(
     month = context.partition_key
     champion = _champion(registry)
     if champion is None:
-        reason = "no champion yet"
-        yield dg.MaterializeResult(metadata={"skipped": dg.MetadataValue.text(reason)})
-        yield dg.AssetCheckResult(
-            check_name=DECAY_CHECK, passed=True, severity=dg.AssetCheckSeverity.WARN,
-            description=f"skipped: {reason}",
-        )  # fmt: skip
+        yield from _skipped(DECAY_CHECK, "no champion yet")
         return
     frame = warehouse.read("flight_features", [month])
     booster = lgb.Booster(model_str=champion.model_text)
@@ -371,11 +372,7 @@ def live_traffic_drift(
     champion = _champion(registry)
     if champion is None or answered.height == 0:
         reason = "no champion yet" if champion is None else f"no answered requests on {day}"
-        yield dg.MaterializeResult(metadata={"skipped": dg.MetadataValue.text(reason)})
-        yield dg.AssetCheckResult(
-            check_name=LIVE_DRIFT_CHECK, passed=True, severity=dg.AssetCheckSeverity.WARN,
-            description=f"skipped: {reason}",
-        )  # fmt: skip
+        yield from _skipped(LIVE_DRIFT_CHECK, reason)
         return
     inputs = answered.select(
         *BOOKING_COLUMNS, *(c for c in WEATHER_FIELDS if c in answered.columns)
