@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -114,7 +115,9 @@ def up(
     port: Annotated[int, typer.Option(help="Dagster UI port.")] = 3000,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
 ) -> None:
-    """Land the first six months (if needed) and run the Dagster webserver and daemon."""
+    """Land the first six months (if needed), then run the Dagster webserver and daemon: the
+    sensors ingest the months, train, gate and serve the first champion, and keep retraining
+    as new months land. Stop with Ctrl-C or `mlops down`."""
     paths = mlops_paths()
     for month in DEMO_MONTHS:
         if not (paths.landing / f"flights_{month}.csv").exists():
@@ -140,6 +143,9 @@ def up(
 
     signal.signal(signal.SIGINT, _request_stop)
     signal.signal(signal.SIGTERM, _request_stop)
+    pid_file = _pid_file()
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(f"{os.getpid()}\n")
     try:
         url = f"http://{host}:{port}"
         if _wait_http(f"{url}/server_info", 120, procs):
@@ -150,6 +156,7 @@ def up(
     finally:
         _echo("stopping Dagster ...")
         _stop(procs)
+        pid_file.unlink(missing_ok=True)
         # The serve stage starts a local Ray head on first deploy; it is ours to stop too.
         from mlops_assets.serve.ray_runtime import stop_local_ray
 
@@ -159,6 +166,179 @@ def up(
     if failed and not stop_requested:
         _echo(f"error: {', '.join(map(str, failed))} exited unexpectedly")
         raise typer.Exit(code=1)
+
+
+def _alive(pid: int) -> bool:
+    """Running (an exited process its parent has not reaped yet counts as stopped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def _pid_file() -> Path:
+    return mlops_paths().home / "run" / "up.pid"
+
+
+@app.command()
+def down(
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for everything to stop.")] = 60,
+) -> None:
+    """Stop a running `mlops up` (Dagster webserver, daemon, and the local Ray head it owns)."""
+    pid_file = _pid_file()
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGTERM)
+    except (FileNotFoundError, ValueError):
+        _echo(f"nothing to stop: no `mlops up` is running for {mlops_paths().home}")
+        raise typer.Exit(code=1) from None
+    except ProcessLookupError:
+        pid_file.unlink(missing_ok=True)
+        _echo(f"nothing to stop: `mlops up` (pid {pid}) is gone; removed its stale pid file")
+        raise typer.Exit(code=1) from None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            typer.echo(f"stopped `mlops up` (pid {pid})")
+            return
+        time.sleep(0.25)
+    _echo(f"error: `mlops up` (pid {pid}) is still running after {timeout:.0f} s")
+    raise typer.Exit(code=1)
+
+
+ENDPOINT_HELP = "Serving endpoint (default http://127.0.0.1:$MLOPS_SERVE_PORT, port 8000)."
+
+
+def _endpoint(url: str | None) -> str:
+    return (url or f"http://127.0.0.1:{os.environ.get('MLOPS_SERVE_PORT') or 8000}").rstrip("/")
+
+
+@app.command()
+def status(
+    url: Annotated[
+        str | None, typer.Option(help="Serving endpoint (default 127.0.0.1:8000).")
+    ] = None,
+) -> None:
+    """The champion and its lineage, the serving state, and the last drift and retrain decisions."""
+    import httpx
+    import polars as pl
+
+    from resources.registry import ModelRegistryResource
+
+    paths = mlops_paths()
+    registry = ModelRegistryResource(root=str(paths.registry))
+    aliases = registry.aliases()
+    champion = aliases["champion"]
+    if champion is None:
+        typer.echo("champion: none yet (land months and let the loop train one: `mlops up`)")
+    else:
+        manifest = registry.manifest(champion)
+        months = manifest.get("training", {}).get("months", {})
+        metrics = manifest.get("metrics", {})
+        typer.echo(f"champion: {champion} (previous: {aliases['previous_champion'] or 'none'})")
+        typer.echo(f"  created {manifest.get('created_at')}, sha256 {manifest['sha256'][:16]}")
+        for split in ("train", "valid", "test"):
+            if months.get(split):
+                typer.echo(f"  {split} months: {', '.join(months[split])}")
+        if "valid_auc" in metrics:
+            typer.echo(f"  validation AUC {metrics['valid_auc']:.4f}")
+    endpoint = _endpoint(url)
+    try:
+        health = httpx.get(f"{endpoint}/healthz", timeout=5)
+        served = health.json().get("model_version")
+        state = "serving" if health.status_code == 200 else f"HTTP {health.status_code}"
+        agrees = "" if served == champion else f"  (NOT the champion {champion})"
+        typer.echo(f"serving: {endpoint} {state}, model {served}{agrees}")
+    except (httpx.HTTPError, ValueError):
+        typer.echo(f"serving: {endpoint} is not answering")
+    drift_dir = paths.warehouse / "flight_drift"
+    if drift_dir.exists() and any(drift_dir.glob("*.parquet")):
+        drift = pl.read_parquet(sorted(drift_dir.glob("*.parquet")))
+        measured = drift.filter(pl.col("status") == "measured")
+        by_month = (
+            measured.group_by("month", "champion_version")
+            .agg(
+                (pl.col("importance").filter(pl.col("drifted")).sum()
+                 / pl.col("importance").sum()).alias("weighted_share"),
+                pl.col("column").filter(pl.col("drifted")).sort().str.join(", ").alias("drifted"),
+            )
+            .sort("month")
+            .tail(3)
+        )  # fmt: skip
+        typer.echo("last drift (importance-weighted drifted share, vs the champion then):")
+        for row in by_month.iter_rows(named=True):
+            drifted = row["drifted"] or "nothing drifted"
+            typer.echo(f"  {row['month']} vs {row['champion_version']}: "
+                       f"{row['weighted_share']:.3f} ({drifted})")  # fmt: skip
+    decisions = registry.decisions()[-5:]
+    if decisions:
+        typer.echo("last decisions:")
+        for d in decisions:
+            typer.echo(f"  {d['at']} {d['action']} {d.get('version') or ''}: {d['reason']}")
+
+
+def _read_records(source: str) -> list[dict[str, object]]:
+    import json
+
+    import polars as pl
+
+    text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    stripped = text.lstrip()
+    if stripped.startswith(("{", "[")):
+        data = json.loads(text)
+        records = data["flights"] if isinstance(data, dict) else data
+        if not isinstance(records, list):
+            raise ValueError('JSON input must be a list of records or {"flights": [...]}')
+        return records
+    return pl.read_csv(io.StringIO(text), infer_schema_length=10_000).to_dicts()
+
+
+@app.command()
+def predict(
+    source: Annotated[str, typer.Argument(help="JSON or CSV file of flights, or - for stdin.")],
+    url: Annotated[
+        str | None, typer.Option(help="Serving endpoint (default 127.0.0.1:8000).")
+    ] = None,
+) -> None:
+    """Send flights (JSON list, {"flights": [...]}, or CSV) to the endpoint; print a table."""
+    import httpx
+
+    try:
+        records = _read_records(source)
+    except (OSError, ValueError, KeyError) as exc:
+        _echo(f"error: cannot read {source}: {exc}")
+        raise typer.Exit(code=2) from exc
+    endpoint = _endpoint(url)
+    token = os.environ.get("MLOPS_API_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.post(f"{endpoint}/predict", json={"flights": records}, headers=headers,
+                              timeout=30)  # fmt: skip
+    except httpx.HTTPError as exc:
+        _echo(f"error: the endpoint {endpoint} is not answering ({type(exc).__name__}); "
+              "is `mlops up` running and the model served?")  # fmt: skip
+        raise typer.Exit(code=1) from exc
+    if response.status_code != 200:
+        _echo(f"error: HTTP {response.status_code}: {response.text[:2000]}")
+        raise typer.Exit(code=1)
+    body = response.json()
+    typer.echo(f"model {body['model_version']}")
+    typer.echo(
+        "| # | carrier | flight | origin | dest | date | dep | delay_probability | delayed |"
+    )
+    typer.echo("|---|---|---|---|---|---|---|---|---|")
+    for i, (record, answer) in enumerate(zip(records, body["predictions"], strict=True)):
+        date = f"{record.get('year')}-{record.get('month'):02d}-{record.get('day'):02d}"
+        typer.echo(
+            f"| {i} | {record.get('carrier')} | {record.get('flight')} | {record.get('origin')} "
+            f"| {record.get('dest')} | {date} | {record.get('sched_dep_time')} "
+            f"| {answer['delay_probability']:.4f} | {answer['delayed']} |"
+        )
 
 
 @app.command()

@@ -63,7 +63,7 @@ def _children(pid: int) -> set[int]:
     return {p.pid for p in psutil.Process(pid).children(recursive=True)}
 
 
-def test_up_serves_the_ui_on_loopback_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+def test_up_serves_the_ui_on_loopback_and_down_stops_everything(tmp_path: Path) -> None:
     port = _free_port()
     env = {**os.environ, "MLOPS_HOME": str(tmp_path / "m")}
     env.pop("DAGSTER_HOME", None)
@@ -90,9 +90,59 @@ def test_up_serves_the_ui_on_loopback_and_ctrl_c_stops_everything(tmp_path: Path
         landed = sorted(p.name for p in (tmp_path / "m" / "landing").iterdir())
         assert landed == [f"flights_2013-0{m}.csv" for m in range(1, 7)]
         assert (tmp_path / "m" / "dagster" / "dagster.yaml").exists()
+        assert (tmp_path / "m" / "run" / "up.pid").read_text().strip() == str(proc.pid)
     finally:
-        proc.send_signal(signal.SIGINT)
+        stopped = run("down", home=tmp_path / "m")
+        if stopped.returncode != 0:
+            proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"stopped `mlops up` (pid {proc.pid})" in stopped.stdout
+    assert not (tmp_path / "m" / "run" / "up.pid").exists()
     time.sleep(1)
     assert not [pid for pid in children if psutil.pid_exists(pid)
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]  # fmt: skip
+
+
+def test_down_without_up_says_so(tmp_path: Path) -> None:
+    result = run("down", home=tmp_path)
+    assert result.returncode == 1
+    assert "nothing to stop: no `mlops up` is running" in result.stderr
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "up.pid").write_text("999999999\n")  # no such process
+    result = run("down", home=tmp_path)
+    assert result.returncode == 1 and "is gone; removed its stale pid file" in result.stderr
+    assert not (tmp_path / "run" / "up.pid").exists()
+
+
+def test_status_shows_the_champion_serving_state_drift_and_decisions(tmp_path: Path) -> None:
+    from resources.registry import ModelRegistryResource
+
+    closed = _free_port()
+    empty = run("status", "--url", f"http://127.0.0.1:{closed}", home=tmp_path)
+    assert empty.returncode == 0
+    assert "champion: none yet" in empty.stdout
+    assert f"http://127.0.0.1:{closed} is not answering" in empty.stdout
+
+    registry = ModelRegistryResource(root=str(tmp_path / "registry"))
+    manifest = registry.register(
+        "tree\n", "{}", {"metrics": {"valid_auc": 0.7312},
+                          "training": {"months": {"train": ["2013-01", "2013-02"],
+                                                  "valid": ["2013-03"]}}},
+    )  # fmt: skip
+    registry.promote(manifest["version"], "promote: first model")
+    registry.record_decision("retrain", manifest["version"], "retrain for 2013-04: AUC drop +0.05")
+    drift = pl.DataFrame({
+        "column": ["temp", "carrier", "distance"], "status": ["measured"] * 3,
+        "drifted": [True, False, True], "importance": [0.6, 0.3, 0.1],
+        "month": ["2013-04"] * 3, "champion_version": [manifest["version"]] * 3,
+    })  # fmt: skip
+    (tmp_path / "warehouse" / "flight_drift").mkdir(parents=True)
+    drift.write_parquet(tmp_path / "warehouse" / "flight_drift" / "2013-04.parquet")
+    result = run("status", "--url", f"http://127.0.0.1:{closed}", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"champion: {manifest['version']} (previous: none)" in out
+    assert "train months: 2013-01, 2013-02" in out and "validation AUC 0.7312" in out
+    assert f"2013-04 vs {manifest['version']}: 0.700 (distance, temp)" in out
+    assert "retrain for 2013-04: AUC drop +0.05" in out

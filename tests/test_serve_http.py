@@ -711,3 +711,42 @@ def test_request_model_limit_is_configurable() -> None:
     assert predict_request_model(3).model_json_schema()["properties"]["flights"]["maxItems"] == 3
     with pytest.raises(ValueError, match="at least 1"):
         predict_request_model(0)
+
+
+def test_mlops_predict_sends_json_or_csv_and_prints_a_table(
+    server: str, tables: dict[str, pl.DataFrame], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    mlops = str(Path(sys.executable).parent / "mlops")
+    records = booking_records(tables["flights"].head(3))
+    (tmp_path / "flights.json").write_text(json.dumps({"flights": records}))
+    pl.DataFrame(records).write_csv(tmp_path / "flights.csv")
+    expected = httpx.post(f"{server}/predict", json={"flights": records}).json()
+    for name in ("flights.json", "flights.csv"):
+        result = subprocess.run([mlops, "predict", str(tmp_path / name), "--url", server],
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[0] == f"model {expected['model_version']}"
+        rows = [line for line in lines if line.startswith("| ") and line[2].isdigit()]
+        assert len(rows) == 3
+        for row, answer in zip(rows, expected["predictions"], strict=True):
+            assert f"| {answer['delay_probability']:.4f} | {answer['delayed']} |" in row
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{**records[0], "month": 13}]))
+    result = subprocess.run([mlops, "predict", str(bad), "--url", server],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 1 and "HTTP 422" in result.stderr and "month" in result.stderr
+    down = f"http://127.0.0.1:{_closed_port()}"
+    result = subprocess.run([mlops, "predict", str(tmp_path / "flights.json"), "--url", down],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 1 and f"the endpoint {down} is not answering" in result.stderr
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
