@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -71,11 +72,36 @@ def _wait_http(url: str, timeout: float, procs: list[subprocess.Popen[bytes]]) -
     return False
 
 
+def _descendants(pids: set[int]) -> set[int]:
+    """Every live descendant of ``pids`` (from /proc: code servers and run workers may start
+    their own sessions, out of reach of a process-group signal)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found: set[int] = set()
+    frontier = set(pids)
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
 def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
-    """Stop exactly the process groups we started: SIGTERM, then SIGKILL past the timeout."""
+    """Stop exactly what we started: SIGTERM to our process groups and to every descendant
+    (taken before and after), then SIGKILL to whatever is left past the timeout."""
+    started = {p.pid for p in procs}
+    family = _descendants(started)
     for proc in procs:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
+    family |= _descendants(started | family)
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for proc in procs:
         try:
@@ -83,6 +109,12 @@ def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    while family and time.monotonic() < deadline:
+        family = {pid for pid in family if _alive(pid)}
+        time.sleep(0.2)
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 REFERENCE_ASSETS = ["raw_planes", "planes", "raw_airports", "airports", "raw_airlines", "airlines"]
@@ -150,9 +182,11 @@ def up(
         url = f"http://{host}:{port}"
         if _wait_http(f"{url}/server_info", 120, procs):
             _echo(f"Dagster UI: {url}  (DAGSTER_HOME={env['DAGSTER_HOME']})")
-            _echo("Press Ctrl-C to stop.")
+            _echo("Press Ctrl-C (or run `mlops down`) to stop.")
+        progress = _Progress(_endpoint(None))
         while not stop_requested and all(p.poll() is None for p in procs):
-            time.sleep(0.5)
+            progress.poll()
+            time.sleep(1.0)
     finally:
         _echo("stopping Dagster ...")
         _stop(procs)
@@ -166,6 +200,62 @@ def up(
     if failed and not stop_requested:
         _echo(f"error: {', '.join(map(str, failed))} exited unexpectedly")
         raise typer.Exit(code=1)
+
+
+CURL_EXAMPLE = """curl -s {endpoint}/predict -H 'content-type: application/json' -d '{{"flights": [
+  {{"year": 2013, "month": 7, "day": 14, "sched_dep_time": 1730, "sched_arr_time": 2015,
+   "carrier": "UA", "flight": 1545, "tailnum": "N14228", "origin": "EWR", "dest": "IAH",
+   "distance": 1400}}]}}'"""
+
+
+class _Progress:
+    """Prints what the loop does while `mlops up` runs: run starts and ends, the served model."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.seen: dict[str, str] = {}
+        self.served: str | None = None
+        self.first = True
+        self.last_poll = 0.0
+
+    def poll(self) -> None:
+        if time.monotonic() - self.last_poll < 2.0:
+            return
+        self.last_poll = time.monotonic()
+        try:
+            self._runs()
+            self._model()
+        except Exception as exc:  # progress output must never stop the services
+            _echo(f"(progress unavailable: {type(exc).__name__}: {exc})")
+        self.first = False
+
+    def _runs(self) -> None:
+        import dagster as dg
+
+        with dg.DagsterInstance.get() as instance:
+            runs = instance.get_runs(limit=30)
+        for run in reversed(runs):
+            status = run.status.value
+            if self.seen.get(run.run_id) == status:
+                continue
+            self.seen[run.run_id] = status
+            if self.first or status not in ("STARTED", "SUCCESS", "FAILURE", "CANCELED"):
+                continue
+            partition = run.tags.get("dagster/partition")
+            what = f"{run.job_name}" + (f" [{partition}]" if partition else "")
+            _echo(f"run {what}: {status.lower()}  ({run.run_id[:8]})")
+
+    def _model(self) -> None:
+        import httpx
+
+        try:
+            version = httpx.get(f"{self.endpoint}/healthz", timeout=1).json().get("model_version")
+        except (httpx.HTTPError, ValueError):
+            return
+        if version and version != self.served:
+            self.served = version
+            _echo(f"model {version} is serving at {self.endpoint} (docs: {self.endpoint}/docs)")
+            _echo("try it:\n" + CURL_EXAMPLE.format(endpoint=self.endpoint))
 
 
 def _alive(pid: int) -> bool:

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -67,8 +68,12 @@ def test_up_serves_the_ui_on_loopback_and_down_stops_everything(tmp_path: Path) 
     port = _free_port()
     env = {**os.environ, "MLOPS_HOME": str(tmp_path / "m")}
     env.pop("DAGSTER_HOME", None)
-    proc = subprocess.Popen([MLOPS, "up", "--port", str(port)], env=env,
+    proc = subprocess.Popen([MLOPS, "up", "--port", str(port)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    lines: list[str] = []  # drained all along: the services write their logs to this pipe too
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
+                              daemon=True)  # fmt: skip
+    reader.start()
     try:
         deadline = time.monotonic() + 180
         body = b""
@@ -91,6 +96,14 @@ def test_up_serves_the_ui_on_loopback_and_down_stops_everything(tmp_path: Path) 
         assert landed == [f"flights_2013-0{m}.csv" for m in range(1, 7)]
         assert (tmp_path / "m" / "dagster" / "dagster.yaml").exists()
         assert (tmp_path / "m" / "run" / "up.pid").read_text().strip() == str(proc.pid)
+        # The sensors are on: landed months turn into ingest runs, and up reports them.
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not any(
+            line.startswith("run ingest_month [2013-0") and ": success" in line for line in lines
+        ):
+            time.sleep(1)
+        assert any(line.startswith("run ingest_month [2013-0") and ": success" in line
+                   for line in lines), "".join(lines[-50:])  # fmt: skip
     finally:
         stopped = run("down", home=tmp_path / "m")
         if stopped.returncode != 0:
