@@ -107,17 +107,14 @@ def orchestrated(home: Path, month: str, endpoint: str) -> dict[str, float | str
 
 
 def _rejected(registry, month: str) -> bool:
-    decisions = registry.decisions()
-    decided = [d for d in decisions if d.get("month") == month]
-    if decided and decided[-1]["action"] == "no_retrain":
+    """The loop decided not to serve a new model for ``month`` (no retrain, or the gate)."""
+    decided = [d for d in registry.decisions() if d.get("month") == month]
+    if not decided:
+        return False
+    if decided[-1]["action"] == "no_retrain":
         return True
-    gates = [d for d in decisions if d["action"] == "gate"]
-    return (
-        bool(decided)
-        and bool(gates)
-        and gates[-1]["at"] > decided[-1]["at"]
-        and not gates[-1]["passed"]
-    )
+    gates = [d for d in registry.decisions() if d["action"] == "gate"]
+    return bool(gates) and gates[-1]["at"] > decided[-1]["at"] and not gates[-1]["passed"]
 
 
 def bare(home: Path, month: str, before: str) -> dict[str, float]:

@@ -73,17 +73,9 @@ def prepare(home: Path) -> dict[str, Any]:
     from mlops_assets.features.preprocess import Preprocessor
     from mlops_assets.features.transform import BOOKING_COLUMNS, FEATURES, LABEL, build_features
     from mlops_assets.train.model import Matrix, fit
-    from mlops_assets.validate.quarantine import validate_table
-    from mlops_assets.validate.schemas import TABLES
-    from resources.package_data import read_package_table
     from resources.registry import ModelRegistryResource
     from resources.warehouse import WarehouseResource
-
-    def valid(table: str, month: int | None = None) -> pl.DataFrame:
-        raw = read_package_table(table)
-        if month is not None:
-            raw = raw.filter(pl.col("month") == month)
-        return validate_table(raw, TABLES[table], source="package", partition=None).valid
+    from tests.realdata import valid_table as valid
 
     if home.exists():
         shutil.rmtree(home)

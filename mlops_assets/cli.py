@@ -184,9 +184,12 @@ def up(
             _echo(f"Dagster UI: {url}  (DAGSTER_HOME={env['DAGSTER_HOME']})")
             _echo("Press Ctrl-C (or run `mlops down`) to stop.")
         progress = _Progress(_endpoint(None))
-        while not stop_requested and all(p.poll() is None for p in procs):
-            progress.poll()
-            time.sleep(1.0)
+        try:
+            while not stop_requested and all(p.poll() is None for p in procs):
+                progress.poll()
+                time.sleep(1.0)
+        finally:
+            progress.close()
     finally:
         _echo("stopping Dagster ...")
         _stop(procs)
@@ -217,6 +220,11 @@ class _Progress:
         self.served: str | None = None
         self.first = True
         self.last_poll = 0.0
+        self.instance = None  # opened on first use, kept for the life of `up`
+
+    def close(self) -> None:
+        if self.instance is not None:
+            self.instance.dispose()
 
     def poll(self) -> None:
         if time.monotonic() - self.last_poll < 2.0:
@@ -232,9 +240,9 @@ class _Progress:
     def _runs(self) -> None:
         import dagster as dg
 
-        with dg.DagsterInstance.get() as instance:
-            runs = instance.get_runs(limit=30)
-        for run in reversed(runs):
+        if self.instance is None:
+            self.instance = dg.DagsterInstance.get()
+        for run in reversed(self.instance.get_runs(limit=30)):
             status = run.status.value
             if self.seen.get(run.run_id) == status:
                 continue

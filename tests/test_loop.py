@@ -181,8 +181,7 @@ def test_a_landed_month_is_monitored_and_decided_once(loop: Loop) -> None:
 
 
 def test_landing_the_same_file_twice_starts_one_run(loop: Loop) -> None:
-    path = land_month("2013-07", loop.home / "landing", overwrite=True)  # same bytes, new mtime
-    assert path.stat().st_mtime_ns
+    land_month("2013-07", loop.home / "landing", overwrite=True)  # same bytes, new mtime
     time.sleep(20)  # four landing-sensor ticks
     assert len(loop.runs("ingest_month", **{"dagster/partition": "2013-07"})) == 1
 

@@ -272,8 +272,7 @@ def champion_performance(
         ]
     )
     warehouse.write("champion_performance", row, month)
-    stored = [p for p in warehouse.partitions("champion_performance")]
-    trend = warehouse.read("champion_performance", stored).sort("month")
+    trend = warehouse.read("champion_performance").sort("month")
     shown = trend.with_columns(pl.col(pl.Float64).round(4))
     yield dg.MaterializeResult(
         metadata={

@@ -26,11 +26,11 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import dagster as dg
 
 from mlops_assets.partitions import MONTHLY
+from resources.extract import sha256_bytes
 from resources.files import LandingFilesResource
 from resources.registry import ModelRegistryResource
 from resources.retrain_policy import RetrainPolicyResource
@@ -65,14 +65,6 @@ retrain_job = dg.define_asset_job(
 )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dg.sensor(
     job=ingest_month_job,
     minimum_interval_seconds=5,
@@ -96,7 +88,7 @@ def landing_sensor(
         stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
         if seen.get(path.name, {}).get("stamp") == stamp:
             continue
-        digest = _sha256(path)
+        digest = sha256_bytes(path.read_bytes())
         seen[path.name] = {"stamp": stamp, "sha256": digest}
         requests.append(
             dg.RunRequest(
