@@ -21,6 +21,10 @@ UNPARTITIONED = "all"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+class WarehouseWriteError(OSError):
+    """A table partition could not be written (disk full, read-only, ...); nothing was replaced."""
+
+
 class WarehouseResource(dg.ConfigurableResource):
     """Tables as ``<root>/<table>/<partition>.parquet`` (``all.parquet`` when unpartitioned)."""
 
@@ -36,7 +40,14 @@ class WarehouseResource(dg.ConfigurableResource):
         return self.table_dir(table) / f"{partition or UNPARTITIONED}.parquet"
 
     def write(self, table: str, frame: pl.DataFrame, partition: str | None = None) -> Path:
-        return write_parquet_atomic(frame, self.path(table, partition))
+        target = self.path(table, partition)
+        try:
+            return write_parquet_atomic(frame, target)
+        except (OSError, pl.exceptions.PolarsError) as exc:
+            raise WarehouseWriteError(
+                f"could not store table {table!r} partition {partition or UNPARTITIONED!r} at "
+                f"{target}: {exc}; the stored version, if any, is unchanged"
+            ) from exc
 
     def partitions(self, table: str) -> list[str]:
         folder = self.table_dir(table)
