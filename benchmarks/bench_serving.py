@@ -50,6 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "@@result "
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 N_RECORDS = 400
+BATCH_BODIES = 4
+TARGET_BATCH_SHARE = 0.5
 TARGET_P50_MS = 5.0
 
 
@@ -109,6 +111,9 @@ def prepare(home: Path) -> dict[str, Any]:
         versions.append(manifest["version"])
     records = flights.select(list(BOOKING_COLUMNS)).sample(N_RECORDS, seed=5).to_dicts()
     (home / "records.json").write_text(json.dumps(records))
+    # Large requests: distinct January bookings, BATCH_BODIES bodies' worth.
+    batch = flights.select(list(BOOKING_COLUMNS)).sample(BATCH_BODIES * 1000, seed=6).to_dicts()
+    (home / "records-batch.json").write_text(json.dumps(batch))
     return {"registry": registry, "warehouse": warehouse, "versions": versions}
 
 
@@ -235,7 +240,11 @@ async def _load(
     import aiohttp
 
     records = json.loads(Path(os.environ["BENCH_RECORDS"]).read_text())
-    bodies = [json.dumps({"flights": [r]}).encode() for r in records]
+    size = int(os.environ.get("BENCH_BATCH", "1"))
+    bodies = [
+        json.dumps({"flights": records[i : i + size]}).encode()
+        for i in range(0, len(records) - size + 1, size)
+    ]
     headers = {"content-type": "application/json"}
     latencies: list[float] = []
     bad: list[str] = []
@@ -293,7 +302,13 @@ async def _load(
 
 
 def run_client(
-    url: str, records: Path, concurrency: int, warmup: float, seconds: float, watch: list[int]
+    url: str,
+    records: Path,
+    concurrency: int,
+    warmup: float,
+    seconds: float,
+    watch: list[int],
+    batch: int = 1,
 ) -> dict[str, Any]:
     """One measurement, by a client process of its own."""
     command = [
@@ -304,7 +319,7 @@ def run_client(
     out = subprocess.run(
         command,
         cwd=REPO,
-        env={**os.environ, "BENCH_RECORDS": str(records)},
+        env={**os.environ, "BENCH_RECORDS": str(records), "BENCH_BATCH": str(batch)},
         capture_output=True,
         text=True,
         timeout=warmup + seconds + 120,
@@ -338,7 +353,12 @@ class RayPhase:
     """A local Ray head (with or without direct ingress) serving the project's app."""
 
     def __init__(
-        self, home: Path, version: str, direct: bool, knobs: dict[str, Any] | None = None
+        self,
+        home: Path,
+        version: str,
+        direct: bool,
+        knobs: dict[str, Any] | None = None,
+        optimized: bool = False,
     ) -> None:
         import ray
 
@@ -356,6 +376,7 @@ class RayPhase:
             http_port=_free_port(),
             direct_ingress=direct,
             direct_ingress_min_port=_free_port() if direct else 30000,
+            throughput_optimized=optimized,
         )
         started = time.monotonic()
         self.resource.ensure_connected()
@@ -527,7 +548,7 @@ def main_bench(args: argparse.Namespace) -> None:
             continue
         wait_ms = args.batch_wait_ms
         knobs = {} if wait_ms is None else {"batch_wait_timeout_s": wait_ms / 1e3}
-        phase = RayPhase(home, v1, direct, knobs)
+        phase = RayPhase(home, v1, direct, knobs, args.throughput_optimized)
         print(f"Ray head ({'direct ingress' if direct else 'proxy'}): {phase.urls}, ready in "
               f"{phase.ready_s:.1f}s, server pids {phase.pids}", flush=True)  # fmt: skip
         try:
@@ -557,6 +578,100 @@ def main_bench(args: argparse.Namespace) -> None:
         )
 
 
+def _rows_per_s(fn: Any, rows: int, seconds: float) -> float:
+    """Best of three windows of back-to-back calls: the in-process limits."""
+    best = 0.0
+    for _ in range(3):
+        calls, started = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < seconds / 3:
+            fn()
+            calls += 1
+        best = max(best, calls * rows / elapsed)
+    return best
+
+
+def main_batch(args: argparse.Namespace) -> None:
+    """Large requests: rows/s through HTTP against in-process ``Booster.predict`` on the rows."""
+    from mlops_assets.serve.deployment import ModelTarget, load_predictor
+
+    home = Path(args.home).resolve()
+    size = args.batch
+    stores = prepare(home)
+    version = stores["versions"][0]
+    records_path = home / "records-batch.json"
+    records = json.loads(records_path.read_text())
+    bodies = [records[i : i + size] for i in range(0, len(records) - size + 1, size)]
+    target = ModelTarget(
+        model_version=version,
+        registry_root=str(home / "registry"),
+        warehouse_root=str(home / "warehouse"),
+    )
+    predictor = load_predictor(target, num_threads=2)
+    matrices = [predictor.matrix(body) for body in bodies]
+    booster = predictor.booster
+    turn = {"i": 0}
+
+    def limit() -> None:
+        booster.predict(matrices[turn["i"] % len(matrices)], num_threads=2)
+        turn["i"] += 1
+
+    def in_process() -> None:
+        predictor.predict(bodies[turn["i"] % len(bodies)])
+        turn["i"] += 1
+
+    rows: dict[str, list[float]] = {}
+    knobs = {"max_records": size}
+    phases = [("serve", False), ("direct", True)]
+    phases = [(name, direct) for name, direct in phases if name in args.variants]
+    for name, direct in phases:
+        phase = RayPhase(home, version, direct, knobs, args.throughput_optimized)
+        print(f"Ray head ({name}): {phase.urls}", flush=True)
+        try:
+            for repeat in range(args.repeats):
+                # The limits are measured in every round, beside the HTTP runs: machines drift.
+                for key, fn in (("Booster.predict, in process (the limit)", limit),
+                                ("features + predict, in process", in_process)):  # fmt: skip
+                    rows.setdefault(key, []).append(_rows_per_s(fn, size, args.seconds))
+                    print(f"round {repeat + 1}: {key:<40} {rows[key][-1]:10,.0f} rows/s")
+                for label, url in phase.urls.items():
+                    for concurrency in args.concurrency:
+                        r = run_client(
+                            url, records_path, concurrency, args.warmup, args.seconds,
+                            phase.pids, batch=size,
+                        )  # fmt: skip
+                        if r["errors"]:
+                            raise RuntimeError(f"{label}: {r['error_sample']}")
+                        key = f"HTTP {label}, {concurrency} client(s)"
+                        rows.setdefault(key, []).append(r["rps"] * size)
+                        print(
+                            f"round {repeat + 1}: {key:<40} {r['rps'] * size:10,.0f} rows/s  "
+                            f"p50 {r['p50_ms']:7.1f} ms  server {r['server_cores']:.2f}  "
+                            f"client {r['client_cores']:.2f}",
+                            flush=True,
+                        )
+        finally:
+            phase.stop()
+    base = statistics.median(rows["Booster.predict, in process (the limit)"])
+    lines = [
+        f"{size}-record requests, medians of {args.repeats} rounds",
+        f"{'path':<42} {'rows/s':>10} {'vs limit':>9}",
+        "-" * 63,
+    ]
+    for key, values in rows.items():
+        value = statistics.median(values)
+        lines.append(f"{key:<42} {value:10,.0f} {value / base:8.2f}x")
+    best = max((statistics.median(v), k) for k, v in rows.items() if k.startswith("HTTP"))
+    verdict = "PASS" if best[0] >= TARGET_BATCH_SHARE * base else "FAIL"
+    lines.append(
+        f"target: HTTP >= {TARGET_BATCH_SHARE:.0%} of the limit: {verdict} "
+        f"({best[1]}: {best[0] / base:.2f}x)"
+    )
+    print("\n" + "\n".join(lines))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--home", default=str(REPO / ".mlops" / "bench" / "serving"))
@@ -571,6 +686,17 @@ def main() -> None:
         choices=["naive", "bare", "serve", "direct"],
     )
     parser.add_argument("--json", default="")
+    parser.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="start the Ray heads with RAY_SERVE_THROUGHPUT_OPTIMIZED (RayResource flag)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="measure N-record requests (rows/s vs in-process Booster.predict) instead",
+    )
     parser.add_argument(
         "--batch-wait-ms", type=float, default=None, help="@serve.batch wait (default: the app's)"
     )
@@ -591,6 +717,8 @@ def main() -> None:
             _load(args.client, concurrency, args.warmup, args.seconds, args.watch_pid)
         )
         sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
+    elif args.batch:
+        main_batch(args)
     else:
         main_bench(args)
 

@@ -43,11 +43,23 @@ class RayResource(dg.ConfigurableResource):
         default=30000, description="first port handed to a direct-ingress replica"
     )
 
+    throughput_optimized: bool = Field(
+        default=False,
+        description="local head only: Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED bundle (user "
+        "code on the replica's event loop, gRPC between proxy and replica, buffered request "
+        "logs, no log copies to stderr, GC frozen after start)",
+    )
+
     def head_environment(self) -> dict[str, str]:
         """Feature flags the local head is started with (Ray reads them at process start)."""
+        env: dict[str, str] = {}
+        if self.throughput_optimized:
+            # The bundle also switches direct ingress on; it stays this resource's choice.
+            env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+            env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if self.direct_ingress else "0"
         if not self.direct_ingress:
-            return {}
-        return {
+            return env
+        return env | {
             "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(self.direct_ingress_min_port),
             # Ray's default range is 1000 ports wide; keep its width from our start.

@@ -371,6 +371,18 @@ def test_swap_under_concurrent_load_loses_nothing(
     assert counts[v2] >= sum(r[3] == v2 for r in answers)
 
 
+def test_a_lone_request_is_scored_at_once_not_after_a_batch_wait(
+    config: ServeConfig, stores: dict[str, Any], first_deploy: dict[str, Any]
+) -> None:
+    (before,) = replica_infos(config)
+    with httpx.Client(base_url=config.url, timeout=30) as client:
+        for record in stores["records"][:5]:
+            assert _predict(client, record).status_code == 200
+    (after,) = replica_infos(config)
+    assert after["scored_alone"] - before["scored_alone"] == 5
+    assert after["batches"] == before["batches"]
+
+
 def test_concurrent_single_record_requests_are_batched(
     config: ServeConfig, stores: dict[str, Any], first_deploy: dict[str, Any]
 ) -> None:
@@ -602,7 +614,7 @@ def test_metrics_count_every_replica_whichever_answers_the_scrape(
         with httpx.Client(base_url=multi.url, timeout=20) as client:
             for record in stores["records"][:10]:
                 assert _predict(client, record).status_code == 200
-        assert all(r["batches"] > 0 for r in replica_infos(multi))
+        assert all(r["batches"] + r["scored_alone"] > 0 for r in replica_infos(multi))
         pattern = rf'mlops_serve_predictions_total{{model_version="{version}"}} (\S+)'
         scrapes = [
             *(httpx.get(f"{url}/metrics", timeout=10).text for url in urls),

@@ -13,6 +13,7 @@ import httpx
 import polars as pl
 
 from mlops_assets.metadata import markdown_table
+from mlops_assets.serve.schema import DEFAULT_MAX_RECORDS
 from resources.prediction_log import PredictionLogResource
 from resources.ray import RayResource
 from resources.registry import ModelRegistryResource
@@ -30,7 +31,7 @@ class ServedModelConfig(dg.Config):
     batch_wait_timeout_s: float = 0.002
     max_ongoing_requests: int = 128
     max_queued_requests: int = 256
-    max_records: int = 256
+    max_records: int = DEFAULT_MAX_RECORDS
 
 
 def serve_config(

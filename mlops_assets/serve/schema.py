@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
-DEFAULT_MAX_RECORDS = 256
+DEFAULT_MAX_RECORDS = 1000
 
 # Same patterns as the pandera schemas the training data passed (validate/schemas.py), so a
 # record the service accepts is one the pipeline would have accepted too.
