@@ -8,8 +8,10 @@ from mlops_assets.features.assets import PREPROCESSOR_FILE
 from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.transform import FEATURES, LABEL
 from mlops_assets.metadata import latest_materialization, markdown_table
-from mlops_assets.train.model import BASE_PARAMS, Matrix, SearchSettings, search
+from mlops_assets.train.model import BASE_PARAMS, Matrix, SearchSettings
+from mlops_assets.train.on_ray import run_search
 from mlops_assets.version import code_version
+from resources.ray import RayResource
 from resources.registry import ModelRegistryResource
 from resources.warehouse import WarehouseResource
 
@@ -43,6 +45,7 @@ def challenger_model(
     config: TrainConfig,
     warehouse: WarehouseResource,
     registry: ModelRegistryResource,
+    ray_serve: RayResource,
 ) -> dg.MaterializeResult:
     """A LightGBM model tuned with Optuna on the training months, registered as a challenger."""
     frame = warehouse.read("training_set")
@@ -56,7 +59,9 @@ def challenger_model(
         num_threads=config.num_threads,
     )
     valid = Matrix.from_features(splits["valid"], preprocessor)
-    result = search(Matrix.from_features(splits["train"], preprocessor), valid, settings)
+    # In this process by default; a Ray task on the cluster when RAY_ADDRESS is set.
+    train = Matrix.from_features(splits["train"], preprocessor)
+    result, where = run_search(train, valid, settings, ray_serve)
     valid_metrics = binary_metrics(valid.y, result.booster.predict(valid.x), threshold=0.5)
     months = {s: sorted(f.get_column("month_key").unique().to_list()) for s, f in splits.items()}
     training_set_version = latest_materialization(context.instance, dg.AssetKey("training_set"))
@@ -98,6 +103,7 @@ def challenger_model(
                 if training_set_version
                 else None,
                 "dagster_run_id": context.run.run_id,
+                "compute": where.as_dict(),
             },
             "code_version": code_version(),
         },
@@ -113,6 +119,7 @@ def challenger_model(
             "trials": dg.MetadataValue.int(result.trials.height),
             "pruned_trials": dg.MetadataValue.int(result.pruned),
             "search_seconds": dg.MetadataValue.float(round(result.seconds, 2)),
+            "trained_on": dg.MetadataValue.text(where.describe()),
             "best_params": dg.MetadataValue.md(markdown_table(best, 20)),
             "trial_table": dg.MetadataValue.md(markdown_table(result.trials, 50)),
             "train_months": dg.MetadataValue.text(", ".join(months["train"])),
