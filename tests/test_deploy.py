@@ -108,6 +108,7 @@ def test_compose_services_ports_and_secrets() -> None:
         "dagster-webserver",
         "dagster-daemon",
         "ray-head",
+        "monitor-exporter",
         "prometheus",
         "grafana",
     }

@@ -6,7 +6,7 @@ set -eu
 port="${MLOPS_SERVE_PORT:-8000}"
 ray start --head --block --port=6379 --ray-client-server-port=10001 \
   --num-cpus="${RAY_NUM_CPUS:-2}" --include-dashboard=true --dashboard-host=127.0.0.1 \
-  --disable-usage-stats &
+  --metrics-export-port=8080 --disable-usage-stats &
 head_pid=$!
 trap 'kill -TERM "$head_pid"; wait "$head_pid"' TERM INT
 until ray status --address=127.0.0.1:6379 >/dev/null 2>&1; do
