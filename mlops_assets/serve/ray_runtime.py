@@ -200,6 +200,94 @@ def _log_tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+START_ATTEMPTS = 3
+OVERLOADED_MARKER = "timed out during startup"
+
+
+def _spawn_head(
+    root: Path,
+    tmp: Path,
+    num_cpus: int,
+    object_store_bytes: int,
+    timeout_s: float,
+    extra_env: Mapping[str, str] | None,
+) -> LocalRay:
+    """One ``ray start --head`` attempt: recorded, then waited for; cleaned up if it fails."""
+    gcs_port = _free_port()
+    ports = {
+        "--port": gcs_port,
+        "--ray-client-server-port": _free_port(),
+        "--dashboard-agent-listen-port": _free_port(),
+        "--dashboard-agent-grpc-port": _free_port(),
+        "--runtime-env-agent-port": _free_port(),
+        "--metrics-export-port": _free_port(),
+        "--node-manager-port": _free_port(),
+        "--object-manager-port": _free_port(),
+        "--dashboard-port": _free_port(),  # a headless API server starts even without the UI
+    }
+    command = [
+        _ray_cli(),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        f"--object-store-memory={object_store_bytes}",
+        f"--temp-dir={tmp}",
+        "--include-dashboard=false",
+        "--dashboard-host=127.0.0.1",
+        "--disable-usage-stats",
+        *(f"{flag}={port}" for flag, port in ports.items()),
+    ]
+    env = {**os.environ, **ray_environment(tmp), **(extra_env or {})}
+    env.pop("RAY_ADDRESS", None)  # `ray start --head` must not try to join another cluster
+    log_path = root / LOG_FILE
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            command,
+            cwd=root,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own session: we stop exactly it, by session id
+        )
+    state = LocalRay(
+        address=f"127.0.0.1:{gcs_port}",
+        pid=proc.pid,
+        session_id=proc.pid,  # a new session's id is its leader's PID
+        temp_dir=str(tmp),
+        num_cpus=num_cpus,
+        started_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        log_file=str(log_path),
+        env=dict(extra_env or {}),
+    )
+    # Record it before waiting, so a failed start can still be cleaned up by stop_local_ray.
+    write_text_atomic(json.dumps(asdict(state), indent=1), root / STATE_FILE)
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            tail = _log_tail(log_path)
+            stop_local_ray(root)
+            raise LocalRayError(
+                f"`ray start` exited with code {proc.returncode}; log {log_path}:\n{tail}"
+            )
+        with open(log_path, "rb") as handle:
+            handle.seek(max(0, offset - 4096))
+            if READY_MARKER.encode() in handle.read() and _port_open(state.address):
+                break
+        if time.monotonic() > deadline:
+            tail = _log_tail(log_path)
+            stop_local_ray(root)
+            raise LocalRayError(
+                f"the local Ray head did not start within {timeout_s:.0f}s; log {log_path}:\n{tail}"
+            )
+        time.sleep(0.25)
+    return state
+
+
 def start_local_ray(
     folder: str | Path,
     *,
@@ -253,80 +341,17 @@ def start_local_ray(
                 "Unix socket paths under it would pass the 107-byte limit; choose a shorter one"
             )
         tmp.mkdir(parents=True, exist_ok=True)
-        gcs_port = _free_port()
-        ports = {
-            "--port": gcs_port,
-            "--ray-client-server-port": _free_port(),
-            "--dashboard-agent-listen-port": _free_port(),
-            "--dashboard-agent-grpc-port": _free_port(),
-            "--runtime-env-agent-port": _free_port(),
-            "--metrics-export-port": _free_port(),
-            "--node-manager-port": _free_port(),
-            "--object-manager-port": _free_port(),
-            "--dashboard-port": _free_port(),  # a headless API server starts even without the UI
-        }
-        command = [
-            _ray_cli(),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--num-cpus={num_cpus}",
-            "--num-gpus=0",
-            f"--object-store-memory={object_store_bytes}",
-            f"--temp-dir={tmp}",
-            "--include-dashboard=false",
-            "--dashboard-host=127.0.0.1",
-            "--disable-usage-stats",
-            *(f"{flag}={port}" for flag, port in ports.items()),
-        ]
-        env = {**os.environ, **ray_environment(tmp), **(extra_env or {})}
-        env.pop("RAY_ADDRESS", None)  # `ray start --head` must not try to join another cluster
-        log_path = root / LOG_FILE
-        with open(log_path, "ab") as log_file:
-            proc = subprocess.Popen(
-                command,
-                cwd=root,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own session: we stop exactly it, by session id
-            )
-        state = LocalRay(
-            address=f"127.0.0.1:{gcs_port}",
-            pid=proc.pid,
-            session_id=proc.pid,  # a new session's id is its leader's PID
-            temp_dir=str(tmp),
-            num_cpus=num_cpus,
-            started_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            log_file=str(log_path),
-            env=dict(extra_env or {}),
-        )
-        # Record it before waiting, so a failed start can still be cleaned up by stop_local_ray.
-        write_text_atomic(json.dumps(asdict(state), indent=1), root / STATE_FILE)
-        offset = log_path.stat().st_size if log_path.exists() else 0
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                tail = _log_tail(log_path)
-                stop_local_ray(root)
-                raise LocalRayError(
-                    f"`ray start` exited with code {proc.returncode}; log {log_path}:\n{tail}"
-                )
-            with open(log_path, "rb") as handle:
-                handle.seek(max(0, offset - 4096))
-                if READY_MARKER.encode() in handle.read() and _port_open(state.address):
-                    break
-            if time.monotonic() > deadline:
-                tail = _log_tail(log_path)
-                stop_local_ray(root)
-                raise LocalRayError(
-                    f"the local Ray head did not start within {timeout_s:.0f}s; log {log_path}:"
-                    f"\n{tail}"
-                )
-            time.sleep(0.25)
-        log.info("started a local Ray head at %s (pid %d, temp %s)", state.address, proc.pid, tmp)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                state = _spawn_head(root, tmp, num_cpus, object_store_bytes, timeout_s, extra_env)
+                break
+            except LocalRayError as exc:
+                # Ray gives its raylet a fixed 30 s to register; on an overloaded machine
+                # that can pass. The attempt is cleaned up already: try again.
+                if OVERLOADED_MARKER not in str(exc) or attempt == START_ATTEMPTS:
+                    raise
+                log.warning("the local Ray head timed out starting (attempt %d); retrying", attempt)
+        log.info("started a local Ray head at %s (pid %d, temp %s)", state.address, state.pid, tmp)
         return state.address
 
 
