@@ -52,7 +52,10 @@ class RayResource(dg.ConfigurableResource):
 
     def head_environment(self) -> dict[str, str]:
         """Feature flags the local head is started with (Ray reads them at process start)."""
-        env: dict[str, str] = {}
+        from mlops_assets.serve.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
+        # A request lost with a dying replica gets a retryable 503, not Ray's bare 500.
+        env: dict[str, str] = {PROXY_CALLBACK_ENV: PROXY_CALLBACK}
         if self.throughput_optimized:
             # The bundle also switches direct ingress on; it stays this resource's choice.
             env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
