@@ -463,6 +463,15 @@ def rollback() -> None:
     typer.echo(f"champion is now {registry.champion()} (was {before['champion']})")
 
 
+@app.command()
+def graph() -> None:
+    """Print the asset graph as a Mermaid flowchart (the README's picture)."""
+    from mlops_assets.definitions import defs
+    from mlops_assets.lineage import mermaid
+
+    typer.echo(mermaid(defs), nl=False)
+
+
 @app.command("weather-api")
 def weather_api(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8001,

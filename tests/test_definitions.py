@@ -114,3 +114,19 @@ def test_dagster_definitions_validate_passes_on_the_workspace(tmp_path: Path) ->
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Validation successful" in result.stdout + result.stderr
+
+
+def test_the_readme_picture_is_the_asset_graph() -> None:
+    from mlops_assets.lineage import SENSOR_EDGES, mermaid
+
+    picture = mermaid(defs)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"```mermaid\n{picture}```" in readme, "README's graph is stale: paste `mlops graph`"
+    # every asset appears once, every dependency is an arrow, and the loop's sensors are drawn
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        assert picture.count(f'    {key.to_user_string()}["') == 1
+        for parent in graph.get(key).parent_keys:
+            assert f"{parent.to_user_string()} --> {key.to_user_string()}" in picture
+    for source, sensor, target in SENSOR_EDGES:
+        assert f"{source} -. {sensor} .-> {target}" in picture
