@@ -126,7 +126,12 @@ def test_compose_and_the_instance_yaml_agree() -> None:
     """Run containers get the network, volumes and variables the services have."""
     compose = _compose()
     launcher = yaml.safe_load(COMPOSE_INSTANCE_YAML.read_text())["run_launcher"]["config"]
-    assert launcher["network"] in {n.get("name") for n in compose["networks"].values()}
+    ray_head = compose["services"]["ray-head"]
+    # Runs share the Ray head's network namespace: the served_model step reaches Serve on
+    # 127.0.0.1 there, and the other services by name (the head is on the compose network).
+    assert launcher["container_kwargs"]["network_mode"] == f"container:{ray_head['container_name']}"
+    assert "network" not in launcher
+    assert ray_head["networks"] == ["mlops"]
     named = {v["name"]: k for k, v in compose["volumes"].items() if v and "name" in v}
     daemon = compose["services"]["dagster-daemon"]
     for mount in launcher["container_kwargs"]["volumes"]:
@@ -160,6 +165,50 @@ def test_serve_config_of_the_ray_head_is_valid() -> None:
     assert config.prediction_log_dir == str(home.prediction_log)
     assert config.state_dir == str(home.home / "ray" / "serve")
     assert config.http_port == int(_service("ray-head")["ports"][0].split(":")[-1])
+    # The proxy listens on every interface of the container; the published port is loopback.
+    assert schema.http_options.host == "0.0.0.0"
+    assert schema.http_options.port == config.http_port
+
+
+def test_serve_config_matches_what_the_served_model_asset_deploys(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Same fingerprint: after a head restart, the asset's next deploy is an in-place swap."""
+    from mlops_assets.serve.assets import serve_config
+    from mlops_assets.serve.deployment import ServeConfig
+    from resources import default_resources
+
+    environment = _service("ray-head")["environment"]
+    monkeypatch.setenv("MLOPS_HOME", environment["MLOPS_HOME"])
+    monkeypatch.setenv("MLOPS_SERVE_PORT", environment["MLOPS_SERVE_PORT"])
+    for name in ("MLOPS_API_TOKEN", "RAY_ADDRESS", "MLOPS_STORAGE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    r = default_resources()
+    asset = serve_config(r["registry"], r["warehouse"], r["ray_serve"], r["prediction_log_files"])
+    raw = yaml.safe_load((ROOT / "deploy" / "ray" / "serve.yaml").read_text())
+    head = ServeConfig.model_validate(raw["applications"][0]["args"])
+    assert head.fingerprint() == asset.fingerprint()
+    # head.sh adds the token from the environment, as the asset does.
+    monkeypatch.setenv("MLOPS_API_TOKEN", "t0ken")
+    r = default_resources()
+    ray_serve = r["ray_serve"].process_config_and_initialize()  # EnvVar resolved, as in a run
+    assert ray_serve.api_token == "t0ken"
+    with_token = serve_config(r["registry"], r["warehouse"], ray_serve, r["prediction_log_files"])
+    args = {**raw["applications"][0]["args"], "api_token": "t0ken"}
+    assert ServeConfig.model_validate(args).fingerprint() == with_token.fingerprint()
+
+    # head.sh's own renderer, run here: the token is added, nothing else changes.
+    script = (ROOT / "deploy" / "ray" / "head.sh").read_text()
+    snippet = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    snippet = snippet.replace(f"{IMAGE_ROOT}/", f"{ROOT}/")
+    rendered = tmp_path / "serve.yaml"
+    for token, expected in (("t0ken", "t0ken"), ("", None)):
+        env = {**os.environ, "MLOPS_API_TOKEN": token}
+        result = _run([sys.executable, "-c", snippet, str(rendered)], env=env)
+        assert result.returncode == 0, result.stderr
+        out = yaml.safe_load(rendered.read_text())
+        assert out["applications"][0]["args"].pop("api_token", None) == expected
+        assert out == raw
 
 
 # -- the entry commands, run outside Docker -------------------------------------------------------

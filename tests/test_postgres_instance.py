@@ -92,7 +92,10 @@ def test_instance_from_the_compose_yaml_uses_postgres(pg_home: Path) -> None:
         assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
         assert isinstance(instance.run_coordinator, QueuedRunCoordinator)
         assert isinstance(instance.run_launcher, DockerRunLauncher)
-        assert instance.run_launcher.networks == ["mlops"]
+        # Runs join the Ray head's network namespace (compose.yaml names that container).
+        assert instance.run_launcher.container_kwargs["network_mode"] == (
+            "container:mlops-ray-head"
+        )
         assert instance.run_monitoring_enabled
         assert not instance.telemetry_enabled
 

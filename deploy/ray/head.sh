@@ -15,7 +15,22 @@ until ray status --address=127.0.0.1:6379 >/dev/null 2>&1; do
 done
 serve start --address=127.0.0.1:6379 --http-host 0.0.0.0 --http-port "$port"
 if [ -f "${MLOPS_HOME:-/data/mlops}/registry/aliases.json" ]; then
-  serve deploy --address http://127.0.0.1:8265 /app/deploy/ray/serve.yaml \
-    || echo "no champion redeployed: see the served_model asset" >&2
+  # The token, when set, goes into a private copy of the config, never into the image.
+  config=$(mktemp /tmp/serve-config.XXXXXX)
+  python - "$config" <<'PY'
+import os
+import sys
+
+import yaml
+
+config = yaml.safe_load(open("/app/deploy/ray/serve.yaml"))
+if os.environ.get("MLOPS_API_TOKEN"):
+    config["applications"][0]["args"]["api_token"] = os.environ["MLOPS_API_TOKEN"]
+with open(sys.argv[1], "w") as out:
+    yaml.safe_dump(config, out)
+PY
+  serve deploy --address http://127.0.0.1:8265 "$config" \
+    || echo "no champion redeployed: materialize served_model" >&2
+  rm -f "$config"
 fi
 wait "$head_pid"
