@@ -82,6 +82,14 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck() -> None:
     assert {".venv", ".mlops", ".git", ".env"} <= set(ignored)
 
 
+@pytest.mark.parametrize(
+    ("shell", "script"), [("sh", "deploy/ray/head.sh"), ("bash", ".ci/promtool.sh")]
+)
+def test_shell_scripts_parse(shell: str, script: str) -> None:
+    result = _run([shell, "-n", str(ROOT / script)])
+    assert result.returncode == 0, result.stderr
+
+
 def test_compose_matches_the_compose_spec() -> None:
     result = _run(
         [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)]
