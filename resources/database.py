@@ -88,8 +88,15 @@ class ReferenceDatabaseResource(dg.ConfigurableResource):
                 )
         except sa.exc.SQLAlchemyError as exc:
             raise SourceError(f"{self.display_url}: {query!r} failed: {exc}") from exc
+        except (pl.exceptions.PolarsError, TypeError, OverflowError) as exc:
+            # SQLite keeps any type in any column: e.g. a BLOB among integers has no common type.
+            raise SourceError(
+                f"{self.display_url}: {query!r} returned values of incompatible types: {exc}"
+            ) from exc
         finally:
             engine.dispose()
+        if frame.is_empty():
+            raise SourceError(f"{self.display_url}: {query!r} returned no rows")
         return Extract(
             frame=frame,
             source=f"{self.display_url} :: {query}",

@@ -42,9 +42,12 @@ def decode_csv_bytes(raw: bytes, name: str) -> pl.DataFrame:
             f"{name}: not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 4]!r})"
         ) from exc
     try:
-        return pl.read_csv(io.BytesIO(raw), infer_schema=False, null_values=["NA", ""])
+        frame = pl.read_csv(io.BytesIO(raw), infer_schema=False, null_values=["NA", ""])
     except pl.exceptions.PolarsError as exc:
         raise SourceError(f"{name}: unreadable CSV: {exc}") from exc
+    if frame.is_empty():
+        raise SourceError(f"{name}: a header but no rows (an empty export)")
+    return frame
 
 
 def read_landed_bytes(path: Path) -> bytes:

@@ -103,7 +103,7 @@ def parse_weather_page(
         # Floats stay as their literal text ("10.357019999999999"), exactly as a CSV has them;
         # a float round trip would rewrite them and break equality with the file source.
         payload = json.loads(body, parse_float=str, parse_constant=_reject_constant)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep to decode
         text = body.decode("utf-8", "replace")
         raise SourceError(
             f"{where}: the body is not valid JSON ({exc}): {_excerpt(text)!r}"

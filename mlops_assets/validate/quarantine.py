@@ -12,6 +12,7 @@ import polars as pl
 
 from mlops_assets.validate.schemas import TableSpec
 from resources.extract import SourceError
+from resources.files import MONTH_RE, parse_month
 
 QUARANTINE_SCHEMA = {
     "table": pl.String,
@@ -42,6 +43,9 @@ class ValidationOutcome:
 
 def _cast_expr(name: str, source: pl.DataType, target: pl.DataType) -> pl.Expr:
     col = pl.col(name)
+    if source == pl.Binary:
+        # Bytes (a SQL BLOB) are never a valid value: each one is reported as the wrong type.
+        return pl.when(col.is_null()).then(None).otherwise(None).cast(target)
     if isinstance(target, pl.Datetime) and source == pl.String:
         text = col.str.strip_chars()
         # ISO 8601 in UTC, as exported ("2013-01-01T10:00:00Z") or without the zone marker.
@@ -102,6 +106,25 @@ def _schema_failures(typed: pl.DataFrame, spec: TableSpec) -> pl.DataFrame:
     )
 
 
+def _outside_partition(typed: pl.DataFrame, partition: str | None) -> pl.DataFrame:
+    """Rows of another month than the monthly partition they arrived in (a mislabelled export)."""
+    if partition is None or not MONTH_RE.match(partition) or "month" not in typed.columns:
+        return pl.DataFrame(schema={_ROW: pl.UInt32, "checks": pl.String})
+    year, month = parse_month(partition)
+    return (
+        typed.with_row_index(_ROW)
+        .filter((pl.col("year") != year) | (pl.col("month") != month))  # null: a type failure
+        .select(
+            _ROW,
+            pl.concat_str(
+                pl.lit(f"month: outside partition {partition} (value "),
+                pl.col("year").cast(pl.String), pl.lit("-"), pl.col("month").cast(pl.String),
+                pl.lit(")"),
+            ).alias("checks"),
+        )
+    )  # fmt: skip
+
+
 def validate_table(
     raw: pl.DataFrame, spec: TableSpec, *, source: str, partition: str | None
 ) -> ValidationOutcome:
@@ -121,7 +144,7 @@ def validate_table(
         .join(type_failed_cols, on=[_ROW, "column"], how="anti")
         .drop("column")
     )
-    failed = pl.concat([type_failures, schema_failures])
+    failed = pl.concat([type_failures, schema_failures, _outside_partition(typed, partition)])
     failed_rows = failed.get_column(_ROW).unique()
 
     indexed = typed.with_row_index(_ROW)
@@ -139,6 +162,8 @@ def validate_table(
     records = (
         raw.with_row_index(_ROW)
         .filter(pl.col(_ROW).is_in(reasons.get_column(_ROW).implode()))
+        # Bytes (a SQL BLOB) have no JSON form: the record keeps them as hex.
+        .with_columns(pl.col(pl.Binary).bin.encode("hex"))
         .select(_ROW, pl.struct(pl.all().exclude(_ROW)).struct.json_encode().alias("record"))
     )
     quarantine = (
