@@ -173,21 +173,35 @@ def retrain_sensor(
         dg.RunsFilter(job_name=INGEST_JOB, statuses=[dg.DagsterRunStatus.SUCCESS]), limit=100
     )
     events: list[dg.AssetObservation] = []
+    recorded: dict[str, dict[str, object]] | None = None
     for record in reversed(finished):  # oldest first
         run = record.dagster_run
         month = run.tags.get("dagster/partition")
         if run.run_id in decided or month is None:
             continue
-        verdict = (
-            judge(instance, month, retrain_policy)
-            if registry.champion()
-            else Verdict(month, True, "no champion yet: train the first model on the landed months")
-        )
+        if recorded is None:
+            recorded = {
+                d["ingest_run"]: d
+                for d in registry.decisions()
+                if d.get("action") in ("retrain", "no_retrain") and d.get("ingest_run")
+            }
+        prior = recorded.get(run.run_id)
+        if prior is not None:
+            # Decided by a tick whose cursor was lost (the daemon died in between): keep it.
+            verdict = Verdict(month, prior["action"] == "retrain", str(prior["reason"]))
+        else:
+            verdict = (
+                judge(instance, month, retrain_policy)
+                if registry.champion()
+                else Verdict(
+                    month, True, "no champion yet: train the first model on the landed months"
+                )
+            )
+            registry.record_decision(
+                "retrain" if verdict.retrain else "no_retrain", registry.champion(),
+                verdict.reason, month=month, ingest_run=run.run_id,
+            )  # fmt: skip
         decided.append(run.run_id)
-        registry.record_decision(
-            "retrain" if verdict.retrain else "no_retrain", registry.champion(), verdict.reason,
-            month=month, ingest_run=run.run_id,
-        )  # fmt: skip
         events.append(
             dg.AssetObservation(
                 asset_key="flight_drift",
