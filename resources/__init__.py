@@ -13,7 +13,7 @@ from resources.prediction_log import PredictionLogResource
 from resources.ray import RayResource
 from resources.registry import ModelRegistryResource
 from resources.retrain_policy import RetrainPolicyResource
-from resources.settings import mlops_paths
+from resources.settings import mlops_paths, storage_roots
 from resources.warehouse import WarehouseIOManager, WarehouseResource
 from resources.weather import WeatherSourceResource
 
@@ -26,7 +26,8 @@ def _env(name: str) -> Any:
 def default_resources() -> dict[str, Any]:
     """The embedded defaults under ``MLOPS_HOME``; URLs and secrets only from the environment."""
     paths = mlops_paths()
-    warehouse = WarehouseResource(root=str(paths.warehouse), reports_root=str(paths.reports))
+    warehouse_root, registry_root = storage_roots()  # MLOPS_STORAGE_URL: an object store
+    warehouse = WarehouseResource(root=warehouse_root, reports_root=str(paths.reports))
     return {
         "landing": LandingFilesResource(landing_dir=str(paths.landing)),
         "reference_db": ReferenceDatabaseResource(
@@ -37,7 +38,7 @@ def default_resources() -> dict[str, Any]:
             base_url=_env("MLOPS_WEATHER_API_URL"), api_token=_env("MLOPS_WEATHER_API_TOKEN")
         ),
         "warehouse": warehouse,
-        "registry": ModelRegistryResource(root=str(paths.registry)),
+        "registry": ModelRegistryResource(root=registry_root),
         "prediction_log_files": PredictionLogResource(folder=str(paths.prediction_log)),
         "ray_serve": RayResource(
             address=_env("RAY_ADDRESS"),

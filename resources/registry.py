@@ -11,6 +11,15 @@ Layout under ``root``::
 A version directory is only visible once its manifest exists (written last). ``aliases.json``
 is replaced atomically under a file lock, so ``champion`` and ``previous_champion`` always move
 together, and a model whose bytes do not match its manifest's sha256 is refused.
+
+``root`` may be a URL (``s3://bucket/prefix/registry``, any fsspec protocol, through
+universal-pathlib). Then every file is one object written with a single PUT (an object store
+has no rename; S3 shows an object only once its upload is complete, so readers see the old or
+the new ``aliases.json``, never a mix), the manifest is still written last, and each decision
+is its own object under ``decisions/`` (an object store has no append). What an object store
+does not give is the file lock: version numbers and alias moves are serialized only within one
+process, so one writer at a time is assumed (the Dagster runs that train and promote; limit
+them to one at a time when the registry is on an object store).
 """
 
 from __future__ import annotations
@@ -20,21 +29,27 @@ import hashlib
 import json
 import os
 import re
+import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from resources.storage import write_text_atomic
+from resources.storage import StoragePath, is_local, storage_path, write_text_atomic
 
 MODEL_FILE = "model.txt"
 PREPROCESSOR_FILE = "preprocessor.json"
 MANIFEST_FILE = "manifest.json"
 _VERSION_RE = re.compile(r"^m(\d{4,})$")
+DECISIONS_FILE = "decisions.jsonl"
+DECISIONS_DIR = "decisions"
+RESERVED_MARKER = ".reserved"
+# An object store has no file lock: registry writes on one are serialized within this process.
+_OBJECT_STORE_LOCK = threading.RLock()
 
 
 class ModelIntegrityError(RuntimeError):
@@ -68,21 +83,29 @@ class StoredModel:
 
 
 class ModelRegistryResource(dg.ConfigurableResource):
-    """Versioned LightGBM text models and their aliases, on the local file system."""
+    """Versioned LightGBM text models and their aliases, on the local disk or an object store."""
 
     root: str
 
     @property
-    def _root(self) -> Path:
-        return Path(self.root)
+    def _root(self) -> StoragePath:
+        return storage_path(self.root)
 
-    def _model_dir(self, version: str) -> Path:
+    @property
+    def on_object_store(self) -> bool:
+        return not is_local(self._root)
+
+    def _model_dir(self, version: str) -> StoragePath:
         if not _VERSION_RE.match(version):
             raise RegistryError(f"not a model version: {version!r}")
         return self._root / "models" / version
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        if self.on_object_store:
+            with _OBJECT_STORE_LOCK:
+                yield
+            return
         self._root.mkdir(parents=True, exist_ok=True)
         with open(self._root / ".lock", "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -108,10 +131,15 @@ class ModelRegistryResource(dg.ConfigurableResource):
         with self._locked():
             models = self._root / "models"
             models.mkdir(parents=True, exist_ok=True)
-            taken = [int(m[1]) for p in models.iterdir() if (m := _VERSION_RE.match(p.name))]
+            names = [p.name for p in models.iterdir()] if models.exists() else []
+            taken = [int(m[1]) for name in names if (m := _VERSION_RE.match(name))]
             version = f"m{max(taken, default=0) + 1:04d}"
             folder = models / version
-            folder.mkdir()
+            if self.on_object_store:
+                # No directories on an object store: an object claims the version number.
+                write_text_atomic("", folder / RESERVED_MARKER)
+            else:
+                folder.mkdir()
         full = {
             **manifest,
             "version": version,
@@ -204,10 +232,15 @@ class ModelRegistryResource(dg.ConfigurableResource):
         self, action: str, version: str | None, reason: str, **details: Any
     ) -> dict[str, Any]:
         entry = {"at": _now(), "action": action, "version": version, "reason": reason, **details}
+        if self.on_object_store:
+            # One object per decision (no append on an object store); names sort by time.
+            name = f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}.json"
+            write_text_atomic(json.dumps(entry, sort_keys=True), self._root / DECISIONS_DIR / name)
+            return entry
         self._root.mkdir(parents=True, exist_ok=True)
         line = json.dumps(entry, sort_keys=True) + "\n"
         # One small O_APPEND write per decision: concurrent writers never interleave lines.
-        fd = os.open(self._root / "decisions.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        fd = os.open(self._root / DECISIONS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             os.write(fd, line.encode("utf-8"))
             os.fsync(fd)
@@ -216,7 +249,14 @@ class ModelRegistryResource(dg.ConfigurableResource):
         return entry
 
     def decisions(self) -> list[dict[str, Any]]:
-        path = self._root / "decisions.jsonl"
+        if self.on_object_store:
+            folder = self._root / DECISIONS_DIR
+            if not folder.exists():
+                return []
+            objects = sorted((p for p in folder.iterdir() if p.name.endswith(".json")),
+                             key=lambda p: p.name)  # fmt: skip
+            return [json.loads(p.read_text()) for p in objects]
+        path = self._root / DECISIONS_FILE
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -4,6 +4,14 @@ DuckDB allows one writer process per database file, and Dagster steps, overlappi
 serving replicas are all separate processes. So no process ever holds a DuckDB database file
 open for writing: every table partition is its own Parquet file written atomically (temp file +
 rename), and DuckDB reads them through in-memory connections with one view per table.
+
+``root`` may be a URL (``s3://bucket/prefix/warehouse``, any fsspec protocol, through
+universal-pathlib): each partition is then one object written with a single PUT and read back
+through fsspec. On an object store ``scan`` reads the partitions eagerly (then returns a lazy
+frame), and ``connect`` loads every stored table into the in-memory DuckDB instead of making
+views on files (DuckDB's own S3 reader needs its httpfs extension, which it downloads), so it
+suits the small tables here, not a scan over years of partitions. ``reports_root`` (HTML
+reports, PNGs) stays on the local disk.
 """
 
 from __future__ import annotations
@@ -15,7 +23,13 @@ import dagster as dg
 import duckdb
 import polars as pl
 
-from resources.storage import write_parquet_atomic
+from resources.storage import (
+    StoragePath,
+    is_local,
+    read_parquet,
+    storage_path,
+    write_parquet_atomic,
+)
 
 UNPARTITIONED = "all"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -31,15 +45,19 @@ class WarehouseResource(dg.ConfigurableResource):
     root: str
     reports_root: str
 
-    def table_dir(self, table: str) -> Path:
+    @property
+    def on_object_store(self) -> bool:
+        return not is_local(storage_path(self.root))
+
+    def table_dir(self, table: str) -> StoragePath:
         if not _NAME_RE.match(table):
             raise ValueError(f"table names are identifiers, got {table!r}")
-        return Path(self.root) / table
+        return storage_path(self.root) / table
 
-    def path(self, table: str, partition: str | None = None) -> Path:
+    def path(self, table: str, partition: str | None = None) -> StoragePath:
         return self.table_dir(table) / f"{partition or UNPARTITIONED}.parquet"
 
-    def write(self, table: str, frame: pl.DataFrame, partition: str | None = None) -> Path:
+    def write(self, table: str, frame: pl.DataFrame, partition: str | None = None) -> StoragePath:
         target = self.path(table, partition)
         try:
             return write_parquet_atomic(frame, target)
@@ -63,6 +81,9 @@ class WarehouseResource(dg.ConfigurableResource):
             raise FileNotFoundError(f"table {table!r} has no partition(s) {missing}")
         if not wanted:
             raise FileNotFoundError(f"table {table!r} has no stored partitions in {self.root}")
+        if self.on_object_store:  # read through fsspec, eagerly (see the module docstring)
+            frames = [read_parquet(self.path(table, p)) for p in wanted]
+            return pl.concat(frames, how="vertical").lazy()
         return pl.scan_parquet([self.path(table, p) for p in wanted])
 
     def read(self, table: str, partitions: list[str] | None = None) -> pl.DataFrame:
@@ -74,8 +95,19 @@ class WarehouseResource(dg.ConfigurableResource):
         return folder
 
     def connect(self) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with a read-only view per stored table."""
+        """An in-memory DuckDB connection with a read-only view per stored table.
+
+        On an object store each table is read through fsspec and loaded into the connection.
+        """
         con = duckdb.connect(":memory:")
+        if self.on_object_store:
+            root = storage_path(self.root)
+            if root.exists():
+                for folder in sorted((p for p in root.iterdir() if p.is_dir()),
+                                     key=lambda p: p.name):  # fmt: skip
+                    if _NAME_RE.match(folder.name) and self.partitions(folder.name):
+                        con.register(folder.name, self.read(folder.name).to_arrow())
+            return con
         root = Path(self.root)
         if root.exists():
             for folder in sorted(p for p in root.iterdir() if p.is_dir()):

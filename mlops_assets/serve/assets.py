@@ -17,6 +17,7 @@ from mlops_assets.serve.schema import DEFAULT_MAX_RECORDS
 from resources.prediction_log import PredictionLogResource
 from resources.ray import RayResource
 from resources.registry import ModelRegistryResource
+from resources.storage import absolute_location
 from resources.warehouse import WarehouseResource
 
 CHECK_NAME = "endpoint_serves_champion"
@@ -46,8 +47,9 @@ def serve_config(
 
     knobs = config or ServedModelConfig()
     return ServeConfig(
-        registry_root=str(Path(registry.root).resolve()),
-        warehouse_root=str(Path(warehouse.root).resolve()),
+        # Object-store URLs are passed on as they are (replicas read them through fsspec).
+        registry_root=absolute_location(registry.root),
+        warehouse_root=absolute_location(warehouse.root),
         http_host=ray_serve.http_host,
         http_port=ray_serve.http_port,
         prediction_log_dir=str(Path(prediction_log_files.folder).resolve()),
