@@ -361,6 +361,6 @@ def listening_sockets(pids: list[int]) -> list[dict[str, Any]]:
             continue
         for conn in connections:
             if conn.status == psutil.CONN_LISTEN:
-                found.append({"pid": pid, "process": name, "ip": conn.laddr.ip,
-                              "port": conn.laddr.port})  # fmt: skip
+                found.append({"pid": pid, "name": process.name(), "process": name,
+                              "ip": conn.laddr.ip, "port": conn.laddr.port})  # fmt: skip
     return sorted(found, key=lambda s: (s["port"], s["ip"]))
