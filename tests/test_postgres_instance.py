@@ -27,6 +27,7 @@ from dagster_postgres.utils import DagsterPostgresException
 from mlops_assets.ingest.assets import reference_assets
 from tests.pg import (
     COMPOSE_INSTANCE_YAML,
+    PROJECT_ROOT,
     PgServer,
     compose_dagster_home,
     compose_instance_env,
@@ -83,6 +84,14 @@ def test_yaml_takes_every_connection_setting_from_the_environment() -> None:
     forwarded = set(config["run_launcher"]["config"]["env_vars"])
     assert {f"DAGSTER_PG_{v}" for v in ("HOST", "PORT", "USER", "PASSWORD", "DB")} <= forwarded
     assert {"DAGSTER_HOME", "MLOPS_HOME", "RAY_ADDRESS"} <= forwarded
+
+
+def test_compose_instance_runs_like_the_local_one() -> None:
+    """Queueing, monitoring and retries are the same as ``mlops up``'s dagster.yaml."""
+    local = yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())
+    compose = yaml.safe_load(COMPOSE_INSTANCE_YAML.read_text())
+    for section in ("run_coordinator", "run_monitoring", "run_retries", "telemetry"):
+        assert compose.get(section) == local.get(section), section
 
 
 def test_instance_from_the_compose_yaml_uses_postgres(pg_home: Path) -> None:
