@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import os
 import shutil
 import statistics
 import tempfile
@@ -122,7 +123,12 @@ def short_home(prefix: str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def local_head(resource: RayResource) -> Iterator[RayResource]:
-    """Connect to (starting) the project's local head; on exit stop exactly it, and check."""
+    """Connect to (starting) the project's local head; on exit stop exactly it, and check.
+
+    The environment is restored afterwards (connecting points ``TMPDIR``/``RAY_TMPDIR`` at the
+    head's temp dir, which is deleted with the test's folder).
+    """
+    saved = dict(os.environ)
     resource.ensure_connected()
     head = local_ray(resource.state_dir)
     assert head is not None
@@ -135,6 +141,8 @@ def local_head(resource: RayResource) -> Iterator[RayResource]:
         finally:
             ray.shutdown()
             stopped = stop_local_ray(resource.state_dir)
+            os.environ.clear()
+            os.environ.update(saved)
             assert head.pid in stopped
             assert session_pids(head.session_id, head.temp_dir) == []
 

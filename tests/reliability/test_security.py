@@ -173,6 +173,7 @@ def secured() -> Iterator[dict[str, Any]]:
     canary_api = f"canary-api-{uuid.uuid4().hex}"
     canary_weather = f"canary-weather-{uuid.uuid4().hex}"
     server, _ = serve_weather_api("127.0.0.1", 0, token=canary_weather)
+    saved = dict(os.environ)  # the asset's Ray connection points TMPDIR at the head's temp dir
     with short_home("mlsec") as root, pytest.MonkeyPatch.context() as env:
         home = root / "m"
         env.setenv("MLOPS_HOME", str(home))
@@ -224,6 +225,8 @@ def secured() -> Iterator[dict[str, Any]]:
                 serve.shutdown()
             ray.shutdown()
             stop_local_ray(home / "ray")
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 def _ingest_assets() -> list[dg.AssetsDefinition]:
