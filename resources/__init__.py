@@ -7,6 +7,7 @@ from typing import Any
 
 import dagster as dg
 
+from mlops_assets.train.mlflow_bridge import MlflowResource
 from resources.database import ReferenceDatabaseResource
 from resources.files import LandingFilesResource
 from resources.prediction_log import PredictionLogResource
@@ -47,6 +48,10 @@ def default_resources() -> dict[str, Any]:
             http_port=int(os.environ.get("MLOPS_SERVE_PORT") or 8000),
         ),
         "io_manager": WarehouseIOManager(warehouse=warehouse),
+        "mlflow_tracking": MlflowResource(
+            tracking_uri=_env("MLFLOW_TRACKING_URI"),
+            artifact_location=_env("MLFLOW_ARTIFACT_LOCATION"),
+        ),
         "retrain_policy": RetrainPolicyResource(
             cooldown_seconds=int(os.environ.get("MLOPS_RETRAIN_COOLDOWN_SECONDS") or 120),
             n_trials=int(os.environ.get("MLOPS_RETRAIN_TRIALS") or 0),

@@ -38,6 +38,7 @@ from mlops_assets.serve import assets as serve_assets
 from mlops_assets.serve.deployment import replica_infos
 from mlops_assets.serve.ray_runtime import STATE_FILE, local_ray, session_pids
 from mlops_assets.train import assets as train_assets
+from mlops_assets.train.mlflow_bridge import MlflowResource
 from mlops_assets.train.model import Matrix, SearchSettings
 from mlops_assets.train.on_ray import RemoteTrainingError, run_search, search_on_cluster
 from resources.prediction_log import PredictionLogResource
@@ -206,6 +207,7 @@ def trained(
                 "warehouse": stores["warehouse"],
                 "registry": stores["registry"],
                 "ray_serve": on_cluster,
+                "mlflow_tracking": MlflowResource(),  # tracking off
             },
             run_config={"ops": {"challenger_model": {"config": TRAIN}}},
             instance=instance,

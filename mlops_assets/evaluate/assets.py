@@ -22,6 +22,7 @@ from mlops_assets.evaluate.metrics import (
 from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.transform import LABEL
 from mlops_assets.metadata import latest_metadata_value, markdown_table, png_markdown
+from mlops_assets.train.mlflow_bridge import MlflowResource
 from mlops_assets.train.model import Matrix
 from resources.extract import frame_checksum
 from resources.registry import ModelRegistryResource, StoredModel
@@ -279,7 +280,9 @@ def model_evaluation(
 
 @dg.asset(group_name="evaluate", kinds={"registry"}, deps=["model_evaluation"])
 def champion_model(
-    context: dg.AssetExecutionContext, registry: ModelRegistryResource
+    context: dg.AssetExecutionContext,
+    registry: ModelRegistryResource,
+    mlflow_tracking: MlflowResource,
 ) -> dg.MaterializeResult:
     """The champion alias: moved to the challenger once the promotion gate has passed."""
     key = dg.AssetKey("model_evaluation")
@@ -290,6 +293,7 @@ def champion_model(
         raise dg.Failure(f"the promotion gate did not pass for {version}: {reason}")
     previous = registry.champion()
     entry = registry.promote(str(version), reason)
+    mirrored = mlflow_tracking.sync_aliases(registry.aliases())  # no-op without MLflow
     manifest = registry.manifest(str(version))
     history = pl.DataFrame(registry.decisions()[-10:]).select(
         pl.col(c) for c in ("at", "action", "version", "reason")
@@ -302,14 +306,20 @@ def champion_model(
             "sha256": dg.MetadataValue.text(manifest["sha256"]),
             "reason": dg.MetadataValue.text(entry["reason"]),
             "decisions": dg.MetadataValue.md(markdown_table(history, 10)),
+            **{f"mlflow_{k}": dg.MetadataValue.text(str(v)) for k, v in mirrored.items()},
         }
     )
 
 
 @dg.op
-def rollback_champion(context: dg.OpExecutionContext, registry: ModelRegistryResource) -> None:
+def rollback_champion(
+    context: dg.OpExecutionContext,
+    registry: ModelRegistryResource,
+    mlflow_tracking: MlflowResource,
+) -> None:
     """Restore the previous champion exactly."""
     entry = registry.rollback(reason=f"rollback job, run {context.run_id}")
+    mlflow_tracking.sync_aliases(registry.aliases())  # no-op without MLflow
     context.log_event(
         dg.AssetMaterialization(
             asset_key="champion_model",

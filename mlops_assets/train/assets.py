@@ -8,6 +8,7 @@ from mlops_assets.features.assets import PREPROCESSOR_FILE
 from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.transform import FEATURES, LABEL
 from mlops_assets.metadata import latest_materialization, markdown_table
+from mlops_assets.train.mlflow_bridge import MlflowResource
 from mlops_assets.train.model import BASE_PARAMS, Matrix, SearchSettings
 from mlops_assets.train.on_ray import run_search
 from mlops_assets.version import code_version
@@ -46,6 +47,7 @@ def challenger_model(
     warehouse: WarehouseResource,
     registry: ModelRegistryResource,
     ray_serve: RayResource,
+    mlflow_tracking: MlflowResource,
 ) -> dg.MaterializeResult:
     """A LightGBM model tuned with Optuna on the training months, registered as a challenger."""
     frame = warehouse.read("training_set")
@@ -109,6 +111,12 @@ def challenger_model(
         },
     )
     context.log.info(f"registered {manifest['version']} (sha256 {manifest['sha256'][:12]})")
+    # Mirrored to MLflow only when MLFLOW_TRACKING_URI is set (and the `mlflow` extra installed).
+    tracked = (
+        mlflow_tracking.log_challenger(registry.load(manifest["version"]), result.trials)
+        if mlflow_tracking.tracking_uri
+        else None
+    )
     best = pl.DataFrame([{"parameter": k, "value": str(v)} for k, v in result.params.items()])
     return dg.MaterializeResult(
         metadata={
@@ -124,6 +132,7 @@ def challenger_model(
             "trial_table": dg.MetadataValue.md(markdown_table(result.trials, 50)),
             "train_months": dg.MetadataValue.text(", ".join(months["train"])),
             "code_version": dg.MetadataValue.text(manifest["code_version"]),
+            **{f"mlflow_{k}": dg.MetadataValue.text(v) for k, v in (tracked or {}).items()},
         }
     )
 
