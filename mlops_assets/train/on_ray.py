@@ -128,6 +128,12 @@ def search_on_cluster(
             f"the search on the Ray cluster at {address} did not finish in {timeout_s:.0f}s "
             "(is every CPU taken by other work?)"
         ) from exc
+    except ray.exceptions.RayTaskError as exc:
+        # The task's own exception (the remote traceback stays chained for the logs).
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+        raise RemoteTrainingError(
+            f"the search failed on the Ray cluster at {address}: {type(cause).__name__}: {cause}"
+        ) from exc
     except ray.exceptions.RayError as exc:
         raise RemoteTrainingError(
             f"the search failed on the Ray cluster at {address}: {exc}"
