@@ -19,6 +19,7 @@ imports, event log). Target: at most 90 s and at most 1.5x.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import math
 import os
 import shutil
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -94,16 +96,45 @@ def orchestrated(home: Path, month: str, endpoint: str) -> dict[str, float | str
         os.killpg(daemon.pid, signal.SIGCONT)
         time.sleep(6)
         print(f"landing {month} (champion {before}) ...", flush=True)
-        started = time.perf_counter()
+        started, landed_at = time.perf_counter(), time.time()
         land_month(month, home / "landing")
         wait("the new champion to answer", lambda: served(endpoint) not in (None, before)
              or _rejected(registry, month), 900)  # fmt: skip
         seconds = time.perf_counter() - started
         after = served(endpoint)
+        with dg.DagsterInstance.get() as instance:
+            steps = timeline(instance, landed_at)
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
         daemon.wait(timeout=60)
-    return {"seconds": seconds, "before": before, "after": str(after), "snapshot": str(snapshot)}
+    return {"seconds": seconds, "before": before, "after": str(after), "snapshot": str(snapshot),
+            "timeline": steps}  # fmt: skip
+
+
+TIMELINE_EVENTS = ("RUN_ENQUEUED", "RUN_STARTING", "RUN_START", "STEP_START", "STEP_SUCCESS",
+                   "RUN_SUCCESS", "RUN_FAILURE")  # fmt: skip
+
+
+def timeline(instance: Any, since: float) -> list[tuple[float, str]]:
+    """Seconds after the landing at which each run and step of the loop began and ended."""
+    import dagster as dg
+
+    marks: list[tuple[float, str]] = []
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(created_after=dt.datetime.fromtimestamp(since, dt.UTC))
+    )
+    for record in records:
+        run = record.dagster_run
+        marks.append((record.create_timestamp.timestamp() - since, f"{run.job_name}: created"))
+        for entry in instance.all_logs(run.run_id):
+            event = entry.dagster_event
+            if event is None or event.event_type_value not in TIMELINE_EVENTS:
+                continue
+            what = event.event_type_value.lower()
+            if event.step_key:
+                what = f"{event.step_key} {what.removeprefix('step_')}"
+            marks.append((entry.timestamp - since, f"{run.job_name}: {what}"))
+    return sorted(marks)
 
 
 def _rejected(registry, month: str) -> bool:
@@ -276,6 +307,9 @@ def main() -> None:
             print(f"| bare: {name} | {seconds:.2f} |")
     print(f"| **bare total** | **{total:.2f}** |")
     print(f"| **orchestrated: land → new model answers /predict** | **{run['seconds']:.2f}** |")
+    print("\nwhere the orchestrated seconds went (after `land`):")
+    for at, what in run["timeline"]:
+        print(f"  {at:7.2f} s  {what}")
     ratio = run["seconds"] / total if total else math.nan
     print(f"\nratio orchestrated / bare: {ratio:.2f}x (target ≤ 1.5x); "
           f"latency {run['seconds']:.1f} s (target ≤ 90 s)")  # fmt: skip
