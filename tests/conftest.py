@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,23 @@ import pytest
 
 from resources import default_resources
 from resources.files import land_month
+
+# Joining the local Ray head points these at the head's temp dir (Ray reads them in the driver);
+# that dir goes away with its test module, so later modules must not inherit them.
+_RAY_DRIVER_ENV = ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED", "RAY_TMPDIR", "TMPDIR")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_ray_driver_environment() -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in _RAY_DRIVER_ENV}
+    saved_tempdir = tempfile.tempdir
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    tempfile.tempdir = saved_tempdir
 
 
 @pytest.fixture
