@@ -85,6 +85,8 @@ def harness(harness_factory: list[Harness], tmp_path_factory: pytest.TempPathFac
     )
 
 
+# Full suite only: on a fast machine the write can finish before the kill lands (seen once in CI).
+@pytest.mark.reliability_full
 def test_a_worker_killed_mid_write_fails_is_retried_and_leaves_the_clean_rows(
     harness: Harness,
 ) -> None:
