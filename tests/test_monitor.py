@@ -10,7 +10,6 @@ import dagster as dg
 
 from mlops_assets.definitions import defs
 from mlops_assets.serve.predlog import PredictionLog
-from mlops_assets.serve.schema import Prediction
 
 RECORD = {
     "year": 2013, "month": 7, "day": 4, "sched_dep_time": 900, "sched_arr_time": 1130,
@@ -24,9 +23,8 @@ def test_prediction_log_ingests_one_day_of_answers_and_rejections(
 ) -> None:
     log = PredictionLog(resources["prediction_log_files"].folder)
     log.log_predictions(
-        request_id="req-1", model_version="m0001", records=[RECORD, RECORD],
-        predictions=[Prediction(delay_probability=0.2, delayed=False),
-                     Prediction(delay_probability=0.7, delayed=True)], latency_ms=3.5,
+        request_id="req-1", model_version="m0001", inputs=[RECORD, RECORD],
+        probabilities=[0.2, 0.7], delayed=[False, True], latency_ms=3.5,
     )  # fmt: skip
     log.log_rejection(
         request_id="req-2", status=422, error="body.flights.0.month: too large", latency_ms=0.4
@@ -99,9 +97,8 @@ def test_live_traffic_drift_compares_served_requests_with_the_training_reference
     for start in range(0, len(records), 50):
         batch = records[start : start + 50]
         log.log_predictions(
-            request_id=f"req-{start}", model_version=version, records=batch,
-            predictions=[Prediction(delay_probability=0.3, delayed=False)] * len(batch),
-            latency_ms=2.0,
+            request_id=f"req-{start}", model_version=version, inputs=batch,
+            probabilities=[0.3] * len(batch), delayed=[False] * len(batch), latency_ms=2.0,
         )  # fmt: skip
     log.close()
     today = dt.datetime.now(dt.UTC).date().isoformat()

@@ -36,7 +36,8 @@ from mlops_assets.features.transform import (
 )
 from mlops_assets.serve import fastpath
 from mlops_assets.serve.app import build_app
-from mlops_assets.serve.predictor import INPUT_SCHEMA, Predictor, PredictorError, time_predict
+from mlops_assets.serve.columnar import ARROW_MEDIA_TYPE, INPUT_SCHEMA, Bookings, to_arrow
+from mlops_assets.serve.predictor import Predictor, PredictorError, time_predict
 from mlops_assets.serve.predlog import PredictionLog, read_prediction_log
 from mlops_assets.serve.schema import FlightRecord, predict_request_model
 from mlops_assets.train.model import Matrix, fit
@@ -409,6 +410,129 @@ def test_bad_payloads_are_many_and_distinct() -> None:
     assert len({case[1] for case in BAD_PAYLOADS}) == len(BAD_PAYLOADS) - 1  # 415s share a body
 
 
+# -- bulk requests as an Arrow IPC stream: the same rules, the same answers -----------------
+
+ARROW = {"content-type": ARROW_MEDIA_TYPE}
+
+
+def arrow(records: list[dict[str, Any]] | pl.DataFrame) -> bytes:
+    return to_arrow(records)
+
+
+@pytest.mark.parametrize(
+    "flights",
+    [
+        pytest.param([{**GOOD, "month": 13}], id="month-13"),
+        pytest.param([{**GOOD, "year": 1989}], id="year-1989"),
+        pytest.param([{**GOOD, "month": 2, "day": 30}], id="feb-30"),
+        pytest.param([{**GOOD, "month": 2, "day": 29, "year": 2100}], id="feb-29-2100"),
+        pytest.param([{**GOOD, "day": 0}], id="day-0"),
+        pytest.param([{**GOOD, "sched_dep_time": 1275}], id="dep-time-75-minutes"),
+        pytest.param([{**GOOD, "sched_arr_time": 2400}], id="arr-time-2400"),
+        pytest.param([{**GOOD, "sched_dep_time": -5}], id="dep-time-negative"),
+        pytest.param([{**GOOD, "carrier": "ua"}], id="carrier-lower-case"),
+        pytest.param([{**GOOD, "carrier": "\uff35\uff21"}], id="carrier-fullwidth"),
+        pytest.param([{**GOOD, "origin": "jfk"}], id="origin-lower-case"),
+        pytest.param([{**GOOD, "dest": "TOOLONG"}], id="dest-too-long"),
+        pytest.param([{**GOOD, "tailnum": "n1"}], id="tailnum-lower-case"),
+        pytest.param([{**GOOD, "distance": 0.0}], id="distance-zero"),
+        pytest.param([{**GOOD, "distance": float("nan")}], id="distance-nan"),
+        pytest.param([{**GOOD, "temp": float("inf")}], id="temp-infinity"),
+        pytest.param([{**GOOD, "wind_dir": 400.0}], id="wind-dir-400"),
+        pytest.param([{**GOOD, "flight": 0}], id="flight-zero"),
+        pytest.param([GOOD, {**GOOD, "month": 0}], id="second-record-bad"),
+        pytest.param([{**GOOD, "month": 0, "day": 0, "carrier": "x"}], id="three-errors"),
+        pytest.param([{**GOOD, "month": 0, "carrier": "x"}] * 30, id="errors-capped"),
+    ],
+)
+def test_arrow_bodies_get_the_json_bodies_errors(
+    client: httpx.Client, flights: list[dict[str, Any]]
+) -> None:
+    """Each invalid value: the same 422, paths, types and messages in both formats."""
+    as_json = client.post("/predict", content=json.dumps({"flights": flights}), headers=JSON)
+    as_arrow = client.post("/predict", content=arrow(flights), headers=ARROW)
+    assert as_json.status_code == as_arrow.status_code == 422, as_arrow.text
+    assert as_arrow.json()["detail"] == as_json.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("frame", "loc", "error_type"),
+    [
+        pytest.param(pl.DataFrame([{**GOOD, "month": "1"}]), "month", "int_type", id="month-str"),
+        pytest.param(pl.DataFrame([{**GOOD, "year": True}]), "year", "int_type", id="year-bool"),
+        pytest.param(pl.DataFrame([{**GOOD, "flight": 1e3}]), "flight", "int_type", id="flt-flt"),
+        pytest.param(pl.DataFrame([{**GOOD, "tailnum": 14228}]), "tailnum", "str_type",
+                     id="tailnum-int"),
+        pytest.param(pl.DataFrame([{**GOOD, "distance": "719"}]), "distance", "float_type",
+                     id="distance-str"),
+        pytest.param(pl.DataFrame([{**GOOD, "dep_delay": 3.0}]), "dep_delay", "extra_forbidden",
+                     id="post-departure-column"),
+        pytest.param(pl.DataFrame([GOOD]).drop("carrier"), "carrier", "missing", id="no-carrier"),
+    ],
+)  # fmt: skip
+def test_arrow_column_errors_name_the_column(
+    client: httpx.Client, frame: pl.DataFrame, loc: str, error_type: str
+) -> None:
+    response = client.post("/predict", content=arrow(frame), headers=ARROW)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "flights", loc] and error["type"] == error_type
+    assert loc in error["msg"] or error_type in ("missing", "extra_forbidden")
+
+
+def test_arrow_batch_limits_and_damaged_streams(client: httpx.Client) -> None:
+    empty = client.post("/predict", content=arrow(pl.DataFrame([GOOD]).clear()), headers=ARROW)
+    assert empty.status_code == 422 and empty.json()["detail"][0]["type"] == "too_short"
+    many = client.post("/predict", content=arrow([GOOD] * (MAX_RECORDS + 1)), headers=ARROW)
+    assert many.status_code == 422
+    assert many.json()["detail"][0]["loc"] == ["body", "flights"]
+    assert many.json()["detail"][0]["type"] == "too_long"
+    good = arrow([GOOD])
+    for damaged in (b"", b"not arrow", good[: len(good) // 2], good[:-9] + b"\xff" * 9):
+        response = client.post("/predict", content=damaged, headers=ARROW)
+        assert response.status_code in (400, 422), (damaged[:20], response.text)
+        if response.status_code == 400:
+            assert "Arrow IPC stream" in response.json()["detail"]
+    assert client.post("/predict", content=good, headers=ARROW).status_code == 200
+
+
+def test_arrow_and_json_bodies_get_the_same_answers_and_log_lines(
+    predictor: Predictor, tables: dict[str, pl.DataFrame], tmp_path: Path
+) -> None:
+    records = [
+        *booking_records(tables["flights"].head(40)),
+        {**GOOD, "month": 3, "day": 10, "sched_dep_time": 230, "tailnum": None},
+        {**GOOD, "carrier": "ZZ", "dest": "XYZ", "temp": 80.5, "visib": 2.0},
+        {**GOOD, "month": 2, "day": 29, "year": 2012, "wind_gust": 30.0},
+    ]
+    frame = pl.DataFrame(records, schema=INPUT_SCHEMA)  # weather mostly null
+    with PredictionLog(tmp_path) as sink:
+        app = build_app(lambda: predictor, log_sink=sink)
+        with live(app) as url, httpx.Client(base_url=url) as c:
+            as_json = c.post("/predict", json={"flights": records}, headers={"x-request-id": "j"})
+            as_arrow = c.post(
+                "/predict", content=arrow(frame), headers={**ARROW, "x-request-id": "a"}
+            )
+            # Integer weather and narrow integer types are accepted, as JSON accepts 30 for 30.0.
+            narrow = frame.with_columns(pl.col("month").cast(pl.Int8), pl.col("temp").cast(
+                pl.Int32, strict=False))  # fmt: skip
+            as_narrow = c.post("/predict", content=arrow(narrow), headers=ARROW)
+    assert as_json.status_code == as_arrow.status_code == as_narrow.status_code == 200
+    assert as_arrow.json() == as_json.json()
+    assert as_arrow.headers["x-model-version"] == predictor.version
+    expected = [float(p) for p in predictor.probabilities(records)]
+    assert [p["delay_probability"] for p in as_arrow.json()["predictions"]] == expected
+    assert len(as_narrow.json()["predictions"]) == len(records)
+    logged = read_prediction_log(tmp_path).filter(pl.col("kind") == "prediction")
+    by_format = [
+        logged.filter(pl.col("request_id") == rid).drop("segment", "request_id", "time",
+                                                        "latency_ms")
+        for rid in ("j", "a")
+    ]  # fmt: skip
+    assert by_format[0].height == len(records)
+    assert by_format[0].equals(by_format[1])
+
+
 def test_too_many_records_error_does_not_echo_the_batch(client: httpx.Client) -> None:
     response = client.post("/predict", json={"flights": [GOOD] * (MAX_RECORDS * 4)})
     assert response.status_code == 422
@@ -457,12 +581,12 @@ def test_expect_continue_gets_413_before_sending_the_body(server: str) -> None:
 def test_a_custom_scorer_scores_with_the_request_s_predictor(predictor: Predictor) -> None:
     seen: list[tuple[str, int]] = []
 
-    async def scorer(p: Predictor, records: list[dict[str, Any]]) -> list[Any]:
-        seen.append((p.version, len(records)))
-        return p.predict(records)
+    async def scorer(p: Predictor, bookings: Bookings) -> np.ndarray:
+        seen.append((p.version, bookings.n))
+        return p.score(bookings)
 
-    async def short(p: Predictor, records: list[dict[str, Any]]) -> list[Any]:
-        return p.predict(records)[:-1]
+    async def short(p: Predictor, bookings: Bookings) -> np.ndarray:
+        return p.score(bookings)[:-1]
 
     with live(build_app(lambda: predictor, scorer=scorer)) as url, httpx.Client(base_url=url) as c:
         assert c.post("/predict", json={"flights": [GOOD] * 3}).status_code == 200
@@ -553,7 +677,7 @@ def test_bearer_token_is_required_when_configured(predictor: Predictor) -> None:
 
 def test_a_failing_model_is_a_500_with_a_request_id_not_a_crash(predictor: Predictor) -> None:
     class Broken(Predictor):
-        def predict(self, records: Any) -> Any:
+        def score(self, bookings: Any) -> Any:
             raise RuntimeError("boom")
 
     broken = Broken.from_stored(predictor_stored(predictor), predictor.planes, predictor.weather)

@@ -20,7 +20,6 @@ from mlops_assets.serve.predlog import (
     prediction_log_segments,
     read_prediction_log,
 )
-from mlops_assets.serve.schema import Prediction
 
 RECORD: dict[str, Any] = {
     "year": 2013, "month": 1, "day": 14, "sched_dep_time": 830, "sched_arr_time": 1105,
@@ -33,8 +32,9 @@ def answer(log: PredictionLog, request_id: str, n: int = 1, version: str = "m000
     log.log_predictions(
         request_id=request_id,
         model_version=version,
-        records=[{**RECORD, "flight": i + 1} for i in range(n)],
-        predictions=[Prediction(delay_probability=0.25, delayed=False)] * n,
+        inputs=[{**RECORD, "flight": i + 1} for i in range(n)],
+        probabilities=[0.25] * n,
+        delayed=[False] * n,
         latency_ms=1.5,
     )
 
@@ -75,15 +75,16 @@ def test_non_finite_numbers_are_written_as_null(tmp_path: Path) -> None:
         log.log_predictions(
             request_id="nan",
             model_version="m0001",
-            records=[{**RECORD, "temp": float("nan"), "dewp": float("-inf")}],
-            predictions=[Prediction.model_construct(delay_probability=float("nan"), delayed=False)],
+            inputs=[{**RECORD, "temp": float("nan"), "dewp": float("-inf")}],
+            probabilities=[float("nan")],
+            delayed=[False],
             latency_ms=2.0,
         )
         segment = log.path
     assert segment is not None
     line = json.loads(segment.read_text(), parse_constant=strict)
-    assert line["inputs"]["temp"] is None and line["inputs"]["dewp"] is None
-    assert line["delay_probability"] is None
+    assert line["batch"]["temp"] == [None] and line["batch"]["dewp"] == [None]
+    assert line["batch"]["delay_probability"] == [None]
     frame = read_prediction_log(tmp_path)
     assert frame["temp"].to_list() == [None] and frame["dewp"].to_list() == [None]
 
@@ -123,6 +124,24 @@ def test_a_partial_last_line_and_a_damaged_line_are_skipped(tmp_path: Path) -> N
     assert frame["request_id"].to_list() == ["kept", "kept"]
 
 
+def test_segments_of_one_line_per_prediction_still_read(tmp_path: Path) -> None:
+    """Segments written before 2026-11 hold one line per prediction; they read the same."""
+    legacy = {"kind": "prediction", "request_id": "old", "time": "2026-10-01T12:00:00+00:00",
+              "model_version": "m0001", "status": 200, "error": None, "latency_ms": 1.0,
+              "delay_probability": 0.5, "delayed": True}  # fmt: skip
+    lines = [{**legacy, "record_index": i, "inputs": {**RECORD, "flight": 7 + i}} for i in range(2)]
+    old = tmp_path / "predlog-20261001T120000000000Z-host-1-0001.jsonl"
+    old.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with PredictionLog(tmp_path) as log:
+        answer(log, "new", n=2)
+    frame = read_prediction_log(tmp_path)
+    assert frame["request_id"].to_list() == ["old", "old", "new", "new"]
+    assert frame["flight"].to_list() == [7, 8, 1, 2]
+    assert frame["record_index"].to_list() == [0, 1, 0, 1]
+    assert frame["delay_probability"].to_list() == [0.5, 0.5, 0.25, 0.25]
+    assert frame["kind"].unique().to_list() == ["prediction"]
+
+
 def test_an_empty_or_missing_folder_reads_as_an_empty_frame(tmp_path: Path) -> None:
     assert read_prediction_log(tmp_path / "nothing").schema == pl.Schema(FRAME_SCHEMA)
     assert read_prediction_log(tmp_path).height == 0
@@ -150,7 +169,6 @@ def test_threads_share_one_writer_and_never_interleave_lines(tmp_path: Path) -> 
 def test_each_process_writes_its_own_segments(tmp_path: Path) -> None:
     script = (
         "import sys; from mlops_assets.serve.predlog import PredictionLog\n"
-        "from mlops_assets.serve.schema import Prediction\n"
         "with PredictionLog(sys.argv[1], fsync_interval_seconds=0) as log:\n"
         "    log.log_rejection(request_id=sys.argv[2], status=400, error='x', latency_ms=1)\n"
     )
@@ -171,12 +189,13 @@ def test_each_process_writes_its_own_segments(tmp_path: Path) -> None:
 
 def test_misuse_is_refused(tmp_path: Path) -> None:
     log = PredictionLog(tmp_path, fsync_interval_seconds=0)
-    with pytest.raises(ValueError, match="1 records but 2 predictions"):
+    with pytest.raises(ValueError, match="1 records but 2 probabilities"):
         log.log_predictions(
             request_id="x",
             model_version="m1",
-            records=[RECORD],
-            predictions=[Prediction(delay_probability=0.1, delayed=False)] * 2,
+            inputs=[RECORD],
+            probabilities=[0.1, 0.2],
+            delayed=[False, False],
             latency_ms=1,
         )
     answer(log, "ok")

@@ -32,14 +32,23 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mlops_assets.serve.columnar import (
+    ARROW_MEDIA_TYPE,
+    ArrowBodyError,
+    Bookings,
+    read_arrow,
+    validate_frame,
+)
 from mlops_assets.serve.metrics import ServeMetrics
 from mlops_assets.serve.predictor import Predictor
 from mlops_assets.serve.predlog import PredictionLog
@@ -47,12 +56,12 @@ from mlops_assets.serve.schema import (
     DEFAULT_MAX_RECORDS,
     ErrorBody,
     Health,
-    Prediction,
     PredictResponse,
     predict_request_model,
 )
 
-Scorer = Callable[[Predictor, list[dict[str, Any]]], Awaitable[list[Prediction]]]
+Scorer = Callable[[Predictor, Bookings], Awaitable[np.ndarray]]
+"""Scores one request's validated records with the model it was tagged with: P(delayed) each."""
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +196,11 @@ def _validation_error(request: Request, exc: ValidationError) -> JSONResponse:
     invalid_json = next((e for e in errors if e["type"] == "json_invalid"), None)
     if invalid_json is not None:
         return _error(request, 400, f"malformed JSON: {invalid_json['msg']}")
+    return _invalid(request, errors)
+
+
+def _invalid(request: Request, errors: list[Any]) -> JSONResponse:
+    """422 with each error's path from ``body`` (pydantic's error dicts)."""
     detail = [
         {"type": e["type"], "loc": ["body", *e["loc"]], "msg": e["msg"]}
         for e in errors[:MAX_ERRORS_SHOWN]
@@ -214,16 +228,29 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-async def default_scorer(predictor: Predictor, records: list[dict[str, Any]]) -> list[Prediction]:
+async def default_scorer(predictor: Predictor, bookings: Bookings) -> np.ndarray:
     """Small batches inline, large ones on a worker thread.
 
     Measured here: the hop to a worker thread adds ~2 ms to a one-record request (more than
-    the scoring blocks the loop), while a large batch would hold the loop for tens of ms, so it
+    the scoring blocks the loop), while a large batch holds the loop for milliseconds, so it
     goes to a thread and the loop keeps reading requests and answering health checks.
     """
-    if len(records) <= INLINE_MAX_RECORDS:
-        return predictor.predict(records)
-    return await run_in_threadpool(predictor.predict, records)
+    if bookings.n <= INLINE_MAX_RECORDS:
+        return predictor.score(bookings)
+    return await run_in_threadpool(predictor.score, bookings)
+
+
+def _answer(model_version: str, probabilities: np.ndarray, delayed: np.ndarray) -> bytes:
+    """The ``PredictResponse`` body, encoded in one pass (no object per prediction)."""
+    return to_json(
+        {
+            "model_version": model_version,
+            "predictions": [
+                {"delay_probability": p, "delayed": d}
+                for p, d in zip(probabilities.tolist(), delayed.tolist(), strict=True)
+            ],
+        }
+    )
 
 
 async def _drain(request: Request, limit: int) -> None:
@@ -301,17 +328,22 @@ def build_app(
             {"WWW-Authenticate": 'Bearer realm="mlops"'},
         )
 
-    async def read_json_body(request: Request) -> bytes | JSONResponse:
+    async def read_body(request: Request) -> tuple[str, bytes] | JSONResponse:
+        """The body and its kind (``json`` or ``arrow``), or the error answer."""
         content_type = request.headers.get("content-type", "")
         media = content_type.partition(";")[0].strip().lower()
-        if not (
-            media == "application/json"
-            or (media.startswith("application/") and media.endswith("+json"))
+        if media == ARROW_MEDIA_TYPE:
+            kind = "arrow"
+        elif media == "application/json" or (
+            media.startswith("application/") and media.endswith("+json")
         ):
+            kind = "json"
+        else:
             return _error(
                 request,
                 415,
-                f"send the body as application/json, not {media or 'an undeclared type'}",
+                f"send the body as application/json (or {ARROW_MEDIA_TYPE}), "
+                f"not {media or 'an undeclared type'}",
             )
         too_large = f"the body is larger than {max_body_bytes} bytes"
         declared = request.headers.get("content-length")
@@ -332,7 +364,22 @@ def build_app(
                 chunks.append(chunk)
         except ClientDisconnect:
             return _error(request, 400, "the client disconnected before sending the whole body")
-        return b"".join(chunks)
+        return kind, b"".join(chunks)
+
+    def parse(request: Request, kind: str, body: bytes) -> Bookings | JSONResponse:
+        """Validated records as columns, or the 400/422 answer."""
+        if kind == "json":
+            try:
+                batch = request_model.model_validate_json(body)
+            except ValidationError as exc:
+                return _validation_error(request, exc)
+            return Bookings.from_models(batch.flights)
+        try:
+            frame = read_arrow(body)
+        except ArrowBodyError as exc:
+            return _error(request, 400, str(exc))
+        bookings, errors = validate_frame(frame, max_records)
+        return _invalid(request, errors) if bookings is None else bookings
 
     def version_headers(predictor: Predictor) -> dict[str, str]:
         return {MODEL_VERSION_HEADER: predictor.version}
@@ -347,27 +394,23 @@ def build_app(
         denied = authorize(request)
         if denied is not None:
             return denied
-        body = await read_json_body(request)
+        body = await read_body(request)
         if isinstance(body, Response):
             return body
-        try:
-            batch = request_model.model_validate_json(body)
-        except ValidationError as exc:
-            return _validation_error(request, exc)
+        bookings = parse(request, *body)
+        if isinstance(bookings, Response):
+            return bookings
         predictor = get_predictor()
         if predictor is None:
             return _error(
                 request, 503, "no model is loaded yet; retry shortly", {"Retry-After": "5"}
             )
         request.state.model_version = predictor.version
-        records: list[dict[str, Any]] = batch.model_dump()[
-            "flights"
-        ]  # one call, not one per record
         scoring_started = time.perf_counter()
         try:
-            predictions = await scorer(predictor, records)
-            if len(predictions) != len(records):
-                raise RuntimeError(f"{len(predictions)} predictions for {len(records)} records")
+            probabilities = await scorer(predictor, bookings)
+            if len(probabilities) != bookings.n:
+                raise RuntimeError(f"{len(probabilities)} predictions for {bookings.n} records")
         except Exception:
             log.exception(
                 "model %s failed on request %s", predictor.version, request.state.request_id
@@ -376,14 +419,16 @@ def build_app(
                 request, 500, "the model failed to score this request", version_headers(predictor)
             )
         finished = time.perf_counter()
-        metrics.observe_batch(predictor.version, len(records), finished - scoring_started)
+        metrics.observe_batch(predictor.version, bookings.n, finished - scoring_started)
+        delayed = probabilities >= predictor.threshold
         if log_sink is not None:
             try:
                 log_sink.log_predictions(
                     request_id=request.state.request_id,
                     model_version=predictor.version,
-                    records=records,
-                    predictions=predictions,
+                    inputs=bookings,
+                    probabilities=probabilities,
+                    delayed=delayed,
                     latency_ms=(finished - request.state.started) * 1000,
                 )
             except Exception:
@@ -397,11 +442,8 @@ def build_app(
                     "the prediction log is unavailable; retry shortly",
                     version_headers(predictor),
                 )
-        answer = PredictResponse.model_construct(
-            model_version=predictor.version, predictions=predictions
-        )
         return Response(
-            answer.model_dump_json(),
+            _answer(predictor.version, probabilities, delayed),
             media_type="application/json",
             headers=version_headers(predictor),
         )
@@ -458,7 +500,19 @@ def build_app(
             schema["paths"]["/predict"]["post"]["requestBody"] = {
                 "required": True,
                 "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}
+                    "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
+                    ARROW_MEDIA_TYPE: {
+                        "schema": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": (
+                                "The same flights as an Arrow IPC stream: one column per "
+                                "FlightRecord field (weather and tailnum optional), one row per "
+                                "flight, checked with FlightRecord's rules. Errors name the row "
+                                "and field like the JSON format's; column errors name the column."
+                            ),
+                        }
+                    },
                 },
             }
             app.openapi_schema = schema

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 from fastapi import FastAPI
 from prometheus_client import Histogram
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -62,10 +63,11 @@ from ray.serve.schema import ApplicationStatus, ReplicaState
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlops_assets.serve.app import build_app, default_scorer
+from mlops_assets.serve.columnar import Bookings
 from mlops_assets.serve.metrics import PREFIX, ServeMetrics
 from mlops_assets.serve.predictor import Predictor
 from mlops_assets.serve.predlog import PredictionLog
-from mlops_assets.serve.schema import DEFAULT_MAX_RECORDS, Prediction
+from mlops_assets.serve.schema import DEFAULT_MAX_RECORDS
 from resources.registry import ModelRegistryResource
 from resources.storage import write_text_atomic
 from resources.warehouse import WarehouseResource
@@ -184,15 +186,15 @@ class ScoreItem:
     """One request's validated records and the model it was tagged with."""
 
     predictor: Predictor
-    records: list[dict[str, Any]]
+    bookings: Bookings
 
 
-ScoreResult = list[Prediction] | Exception
-"""One request's predictions, or what stopped them (raised again for that request only)."""
+ScoreResult = np.ndarray | Exception
+"""One request's probabilities, or what stopped them (raised again for that request only)."""
 
 
 def _records_in(items: Sequence[ScoreItem]) -> int:
-    return sum(len(item.records) for item in items)
+    return sum(item.bookings.n for item in items)
 
 
 class _InFlight:
@@ -258,15 +260,15 @@ class ModelServer:
 
     # -- scoring ------------------------------------------------------------------------------
 
-    async def _score(self, predictor: Predictor, records: list[dict[str, Any]]) -> list[Prediction]:
-        if len(records) > self._config.batch_bypass_records:
-            return await default_scorer(predictor, records)  # already a batch of its own
+    async def _score(self, predictor: Predictor, bookings: Bookings) -> np.ndarray:
+        if bookings.n > self._config.batch_bypass_records:
+            return await default_scorer(predictor, bookings)  # already a batch of its own
         if self._in_flight <= 1 and self._config.score_alone_inline:
             # No other request is in the app, so none can join a batch: waiting
             # batch_wait_timeout_s for company would only add latency.
             self._alone += 1
-            return await default_scorer(predictor, records)
-        answer = await self.score_batch(ScoreItem(predictor, records))
+            return await default_scorer(predictor, bookings)
+        answer = await self.score_batch(ScoreItem(predictor, bookings))
         if isinstance(answer, Exception):
             raise answer
         return answer
@@ -284,23 +286,23 @@ class ModelServer:
         groups: dict[int, list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(id(item.predictor), []).append(i)
-        answers: list[ScoreResult] = [[] for _ in items]
+        answers: list[ScoreResult] = [np.empty(0) for _ in items]
         for members in groups.values():
             predictor = items[members[0]].predictor
-            records = [r for i in members for r in items[i].records]
             try:
-                predictions = await default_scorer(predictor, records)
+                together = Bookings.concat([items[i].bookings for i in members])
+                probabilities = await default_scorer(predictor, together)
             except Exception:
                 for i in members:
                     try:
-                        answers[i] = await default_scorer(predictor, items[i].records)
+                        answers[i] = await default_scorer(predictor, items[i].bookings)
                     except Exception as exc:
                         answers[i] = exc
                 continue
             start = 0
             for i in members:
-                stop = start + len(items[i].records)
-                answers[i] = predictions[start:stop]
+                stop = start + items[i].bookings.n
+                answers[i] = probabilities[start:stop]
                 start = stop
         return answers
 

@@ -36,6 +36,7 @@ from mlops_assets.features.transform import (
     ORIGIN_TIME_ZONE,
     WEATHER_FIELDS,
 )
+from mlops_assets.serve.columnar import Bookings
 
 # The feature list this module implements, in the preprocessing's column order.
 KNOWN_FEATURES = (
@@ -84,6 +85,7 @@ class FastMatrix:
             self.weather_values[origin] = (
                 part.select(WEATHER_FIELDS).to_numpy(order="c").astype(np.float64, copy=False)
             )
+        self.weather_origin_index = {o: i for i, o in enumerate(self.weather_keys)}
         self.planes: dict[str, tuple[float | None, float, float]] = {}
         for tailnum, year, seats, engines in planes.select(
             "tailnum", "year", "seats", "engines"
@@ -116,55 +118,98 @@ class FastMatrix:
             return None, "planes has duplicate tailnums"
         return cls(weather, planes, preprocessor), "ok"
 
-    def _weather(self, origin: str, hour_us: int | None) -> np.ndarray | None:
-        keys = self.weather_keys.get(origin)
-        if keys is None or hour_us is None:
-            return None
-        i = int(np.searchsorted(keys, hour_us))
-        if i < len(keys) and keys[i] == hour_us:
-            return self.weather_values[origin][i]
-        return None
-
     def matrix(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """``Preprocessor.transform(build_features(records, ...)).to_numpy()``, float64, C order."""
-        x = np.empty((len(records), len(KNOWN_FEATURES)), dtype=np.float64)
-        carriers, origins, dests = (self.codes[c] for c in CATEGORICAL_FEATURES)
-        for i, r in enumerate(records):
-            year, month, day = r["year"], r["month"], r["day"]
-            dep, arr = r["sched_dep_time"], r["sched_arr_time"]
-            dep_hour = dep // 100
-            dep_min = dep_hour * 60 + dep % 100
-            arr_min = arr // 100 * 60 + arr % 100
-            origin = r["origin"]
-            looked_up = self._weather(origin, utc_hour_us(year, month, day, dep_hour))
-            weather = [
-                float(given)
-                if (given := r.get(w)) is not None
-                else (_NAN if looked_up is None else looked_up[k])
-                for k, w in enumerate(WEATHER_FIELDS)
-            ]
-            plane = self.planes.get(r["tailnum"]) if r.get("tailnum") is not None else None
-            if plane is None:
-                plane_age, seats, engines = _NAN, _NAN, _NAN
-            else:
-                built, seats, engines = plane
-                plane_age = _NAN if built is None else float(year - built)
-            x[i] = (
-                float(dep_hour),
-                float(dep_min),
-                float(arr_min),
-                float((arr_min - dep_min) % 1440),
-                float(dt.date(year, month, day).isoweekday()),
-                float(r["distance"]),
-                *weather,
-                plane_age,
-                seats,
-                engines,
-                carriers.get(r["carrier"], _NAN),
-                origins.get(origin, _NAN),
-                dests.get(r["dest"], _NAN),
-            )
+        return self.bookings_matrix(Bookings.from_records(records))
+
+    def bookings_matrix(self, bookings: Bookings) -> np.ndarray:
+        """The same matrix from booking columns, vectorized (~2 us a record in large batches)."""
+        columns, n = bookings.columns, bookings.n
+        x = np.empty((n, len(KNOWN_FEATURES)), dtype=np.float64)
+        if n == 0:
+            return x
+        year, month, day, dep, arr = (
+            _ints(columns[c]) for c in ("year", "month", "day", "sched_dep_time", "sched_arr_time")
+        )
+        dep_hour = dep // 100
+        dep_min = dep_hour * 60 + dep % 100
+        arr_min = arr // 100 * 60 + arr % 100
+        x[:, 0] = dep_hour
+        x[:, 1] = dep_min
+        x[:, 2] = arr_min
+        x[:, 3] = (arr_min - dep_min) % 1440
+        x[:, 4] = (_days_since_epoch(year, month, day) + 3) % 7 + 1  # 1970-01-01 was a Thursday
+        x[:, 5] = _floats(columns["distance"])
+        origins = columns["origin"]
+        x[:, 6 : 6 + len(WEATHER_FIELDS)] = self._weather_rows(origins, year, month, day, dep_hour)
+        for k, w in enumerate(WEATHER_FIELDS):
+            given = columns[w]
+            if not (isinstance(given, list) and given.count(None) == n):
+                values = _floats(given)
+                sent = ~np.isnan(values)
+                x[sent, 6 + k] = values[sent]
+        plane_at = 6 + len(WEATHER_FIELDS)
+        planes = self.planes
+        missing = (None, _NAN, _NAN)
+        found = [planes.get(t, missing) for t in columns["tailnum"]]
+        built = np.array([f[0] for f in found], dtype=np.float64)  # None becomes NaN
+        x[:, plane_at] = year - built
+        x[:, plane_at + 1] = [f[1] for f in found]
+        x[:, plane_at + 2] = [f[2] for f in found]
+        for k, c in enumerate(CATEGORICAL_FEATURES):
+            codes = self.codes[c]
+            x[:, plane_at + 3 + k] = [codes.get(v, _NAN) for v in columns[c]]
         return x
+
+    def _weather_rows(
+        self,
+        origins: Sequence[str | None],
+        year: np.ndarray,
+        month: np.ndarray,
+        day: np.ndarray,
+        hour: np.ndarray,
+    ) -> np.ndarray:
+        """Origin weather at each record's scheduled local hour (NaN where none is recorded)."""
+        out = np.full((len(origins), len(WEATHER_FIELDS)), _NAN)
+        packed = ((year * 100 + month) * 100 + day) * 100 + hour
+        keys, inverse = np.unique(packed, return_inverse=True)
+        instants = np.array(
+            [
+                _NO_INSTANT if (us := utc_hour_us(k // 1_000_000, k // 10_000 % 100,
+                                                  k // 100 % 100, k % 100)) is None else us
+                for k in keys.tolist()
+            ],
+            dtype=np.int64,
+        )[inverse.reshape(-1)]  # fmt: skip
+        origin_at = np.array(
+            [self.weather_origin_index.get(o, -1) for o in origins], dtype=np.int64
+        )
+        for i, origin in enumerate(self.weather_origin_index):
+            rows = np.flatnonzero((origin_at == i) & (instants != _NO_INSTANT))
+            if rows.size == 0:
+                continue
+            hours = self.weather_keys[origin]
+            at = np.minimum(np.searchsorted(hours, instants[rows]), len(hours) - 1)
+            hit = hours[at] == instants[rows]
+            out[rows[hit]] = self.weather_values[origin][at[hit]]
+        return out
+
+
+_NO_INSTANT = np.iinfo(np.int64).min  # no such local hour (skipped by spring forward)
+
+
+def _ints(values: Any) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
+
+
+def _floats(values: Any) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64)  # None becomes NaN
+
+
+def _days_since_epoch(year: np.ndarray, month: np.ndarray, day: np.ndarray) -> np.ndarray:
+    """Days from 1970-01-01 to each (valid) date, by numpy's calendar arithmetic."""
+    first = np.datetime64("1970-01", "M") + ((year - 1970) * 12 + month - 1)
+    return first.astype("datetime64[D]").astype(np.int64) + (day - 1)
 
 
 def sample_records(weather: pl.DataFrame, planes: pl.DataFrame, n: int = 96) -> list[dict]:

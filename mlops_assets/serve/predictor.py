@@ -11,11 +11,12 @@ date and the day either side: usually one slice). The left join then sees the sa
 rows as with the full table, so the features are identical, while the join no longer hashes the
 whole weather history per call. The planes table is small and is passed whole.
 
-Requests of up to :data:`FAST_PATH_MAX_RECORDS` records skip polars' ~3-4 ms of planning per
-call: :class:`~mlops_assets.serve.fastpath.FastMatrix` builds the same model matrix in plain
-Python (~12 us for one record). It is used only after it reproduced the polars path exactly on a
-sample spanning the reference tables when the predictor was built (``fast_path_status``, also in
-``GET /model``); otherwise every request takes the polars path.
+Requests skip polars' ~3-4 ms of planning per call when they can:
+:class:`~mlops_assets.serve.fastpath.FastMatrix` builds the same model matrix with numpy from
+the records' columns (:class:`~mlops_assets.serve.columnar.Bookings`), ~0.1 ms for one record
+and ~2 us a record in large batches. It is used only after it reproduced the polars path exactly
+on a sample spanning the reference tables when the predictor was built (``fast_path_status``,
+also in ``GET /model``); otherwise every request takes the polars path.
 """
 
 from __future__ import annotations
@@ -33,23 +34,16 @@ import polars as pl
 
 from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.transform import (
-    BOOKING_COLUMNS,
     FEATURE_NAMES,
     WEATHER_FIELDS,
     build_features,
 )
+from mlops_assets.serve.columnar import Bookings
 from mlops_assets.serve.fastpath import FastMatrix, sample_records
 from mlops_assets.serve.schema import Prediction
 from resources.registry import ModelRegistryResource, StoredModel
 
 DEFAULT_THRESHOLD = 0.5
-# Up to this many records a request is encoded by the fast path (plain Python, ~10 us a
-# record), above it by the feature function's polars plan (~3-4 ms fixed, then cheap per row).
-FAST_PATH_MAX_RECORDS = 256
-INPUT_SCHEMA: dict[str, pl.DataType] = {
-    **BOOKING_COLUMNS,
-    **{w: pl.Float64() for w in WEATHER_FIELDS},
-}
 # The row position rides through build_features in the `flight` column: polars does not promise
 # row order through joins, and `flight` is an identifier, never a feature (checked below).
 _ORDER_COLUMN = "flight"
@@ -208,22 +202,25 @@ class Predictor:
 
     # -- scoring --------------------------------------------------------------------------
 
-    def _weather_rows(self, records: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
+    def _weather_rows(self, bookings: Bookings) -> pl.DataFrame:
         """The only weather rows the records can join to."""
         one_day = dt.timedelta(days=1)
         days: set[tuple[str, dt.date]] = set()
-        for record in records:
-            date = dt.date(record["year"], record["month"], record["day"])
-            origin = record["origin"]
+        c = bookings.columns
+        for year, month, day, origin in set(
+            zip(c["year"], c["month"], c["day"], c["origin"], strict=True)
+        ):
+            date = dt.date(int(year), int(month), int(day))
             days.update(((origin, date - one_day), (origin, date), (origin, date + one_day)))
         return self._weather_index.take(days)
 
-    def features(self, records: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
+    def features(self, records: Sequence[Mapping[str, Any]] | Bookings) -> pl.DataFrame:
         """The feature rows for ``records``, in record order (what training would compute)."""
-        frame = pl.DataFrame(list(records), schema=INPUT_SCHEMA)
+        bookings = records if isinstance(records, Bookings) else Bookings.from_records(records)
+        frame = bookings.frame()
         ordered = frame.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias(_ORDER_COLUMN))
         # The planes table is small (a few thousand rows): joining it whole costs nothing.
-        features = build_features(ordered, self._weather_rows(records), self.planes)
+        features = build_features(ordered, self._weather_rows(bookings), self.planes)
         if features.height != frame.height:
             raise PredictorError(
                 f"{frame.height} records gave {features.height} feature rows: a reference "
@@ -232,22 +229,26 @@ class Predictor:
         # Restore the caller's flight numbers after putting the rows back in request order.
         return features.sort(_ORDER_COLUMN).with_columns(frame.get_column(_ORDER_COLUMN))
 
-    def _polars_matrix(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    def _polars_matrix(self, records: Sequence[Mapping[str, Any]] | Bookings) -> np.ndarray:
         x = self.preprocessor.transform(self.features(records)).to_numpy(order="c")
         return x.astype(np.float64, copy=False)
 
-    def matrix(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """The model inputs for ``records``: the fast path for small requests when verified."""
-        if self._fast is not None and len(records) <= FAST_PATH_MAX_RECORDS:
-            return self._fast.matrix(records)
-        return self._polars_matrix(records)
+    def matrix(self, records: Sequence[Mapping[str, Any]] | Bookings) -> np.ndarray:
+        """The model inputs for ``records``: the fast path when verified, else the polars plan."""
+        bookings = records if isinstance(records, Bookings) else Bookings.from_records(records)
+        if self._fast is not None:
+            return self._fast.bookings_matrix(bookings)
+        return self._polars_matrix(bookings)
+
+    def score(self, bookings: Bookings) -> np.ndarray:
+        """P(delayed) for each record, in order (float64)."""
+        if not bookings.n:
+            return np.empty(0, dtype=np.float64)
+        options = {"num_threads": self.num_threads} if self.num_threads else {}
+        return self.booster.predict(self.matrix(bookings), **options)
 
     def probabilities(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        if not records:
-            return np.empty(0, dtype=np.float64)
-        x = self.matrix(records)
-        options = {"num_threads": self.num_threads} if self.num_threads else {}
-        return self.booster.predict(x, **options)
+        return self.score(Bookings.from_records(records))
 
     def predict(self, records: Sequence[Mapping[str, Any]]) -> list[Prediction]:
         """Score validated booking records (``FlightRecord.model_dump()`` dicts), in order."""

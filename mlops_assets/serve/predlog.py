@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import math
 import os
 import socket
 import threading
@@ -32,21 +31,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 from pydantic_core import to_json
 
-from mlops_assets.features.transform import BOOKING_COLUMNS, WEATHER_FIELDS
-from mlops_assets.serve.schema import Prediction
+from mlops_assets.serve.columnar import INPUT_SCHEMA, Bookings
 
 log = logging.getLogger(__name__)
 
 SEGMENT_PREFIX = "predlog-"
 SEGMENT_SUFFIX = ".jsonl"
-INPUT_COLUMNS: dict[str, pl.DataType] = {
-    **BOOKING_COLUMNS,
-    **{w: pl.Float64() for w in WEATHER_FIELDS},
-}
-# One line per answered prediction (kind "prediction") or rejected request (kind "rejection").
+INPUT_COLUMNS = INPUT_SCHEMA
+# A line is a request's answered predictions (kind "predictions", columns in "batch"), a rejected
+# request (kind "rejection"), or, in segments written before 2026-11, one answered prediction
+# (kind "prediction"). Read back, every answered prediction is one row of kind "prediction".
+BATCH_KIND = "predictions"  # one line per request: its records and answers as columns
 LINE_SCHEMA: dict[str, pl.DataType] = {
     "kind": pl.String(),
     "request_id": pl.String(),
@@ -59,6 +58,13 @@ LINE_SCHEMA: dict[str, pl.DataType] = {
     "delay_probability": pl.Float64(),
     "delayed": pl.Boolean(),
     "latency_ms": pl.Float64(),
+    "batch": pl.Struct(
+        {
+            **{c: pl.List(t) for c, t in INPUT_COLUMNS.items()},
+            "delay_probability": pl.List(pl.Float64()),
+            "delayed": pl.List(pl.Boolean()),
+        }
+    ),
 }
 FRAME_SCHEMA: dict[str, pl.DataType] = {
     "segment": pl.String(),
@@ -78,13 +84,6 @@ FRAME_SCHEMA: dict[str, pl.DataType] = {
 
 def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
-
-
-def _inputs(record: Mapping[str, Any]) -> Mapping[str, Any]:
-    # A FlightRecord dump already has exactly these keys: skip the copy (most of the cost).
-    if record.keys() == INPUT_COLUMNS.keys():
-        return record
-    return {k: record.get(k) for k in INPUT_COLUMNS}
 
 
 def _encode(entry: Mapping[str, Any]) -> bytes:
@@ -228,40 +227,40 @@ class PredictionLog:
         *,
         request_id: str,
         model_version: str,
-        records: Sequence[Mapping[str, Any]],
-        predictions: Sequence[Prediction],
+        inputs: Bookings | Sequence[Mapping[str, Any]],
+        probabilities: Sequence[float] | np.ndarray,
+        delayed: Sequence[bool] | np.ndarray,
         latency_ms: float,
     ) -> None:
-        """One line per answered prediction, written with a single system call."""
-        if len(records) != len(predictions):
-            raise ValueError(f"{len(records)} records but {len(predictions)} predictions")
-        # This runs on every answered request, so the per-line work is kept small: the fields
-        # shared by the request are encoded once, and each record is serialized by pydantic's
-        # Rust encoder (a few times faster than json.dumps; non-finite floats become null).
-        shared_fields = {
-            "kind": "prediction",
+        """One line for a request's answered predictions (its records as columns).
+
+        This runs on every answered request, so the line is built column by column and encoded
+        by pydantic's Rust encoder in one call (NaN becomes null); the reader expands it into
+        one row per prediction.
+        """
+        bookings = inputs if isinstance(inputs, Bookings) else Bookings.from_records(inputs)
+        probabilities = np.asarray(probabilities, dtype=np.float64)
+        delayed = np.asarray(delayed, dtype=bool)
+        if not (bookings.n == len(probabilities) == len(delayed)):
+            raise ValueError(
+                f"{bookings.n} records but {len(probabilities)} probabilities and "
+                f"{len(delayed)} decisions"
+            )
+        entry = {
+            "kind": BATCH_KIND,
             "request_id": request_id,
             "time": _now_iso(),
             "model_version": model_version,
             "status": 200,
             "error": None,
             "latency_ms": round(latency_ms, 3),
+            "batch": {
+                **bookings.to_lists(),
+                "delay_probability": probabilities.tolist(),
+                "delayed": delayed.tolist(),
+            },
         }
-        shared = _encode(shared_fields)[:-2] + b","  # '{...,': left open for each record's part
-        lines = []
-        for i, (record, p) in enumerate(zip(records, predictions, strict=True)):
-            probability = p.delay_probability
-            lines.append(
-                b'%s"record_index":%d,"delay_probability":%s,"delayed":%s,"inputs":%s}\n'
-                % (
-                    shared,
-                    i,
-                    repr(probability).encode() if math.isfinite(probability) else b"null",
-                    b"true" if p.delayed else b"false",
-                    to_json(_inputs(record), inf_nan_mode="null"),
-                )
-            )
-        self._write(b"".join(lines))
+        self._write(to_json(entry, inf_nan_mode="null") + b"\n")
 
     def log_rejection(
         self,
@@ -341,8 +340,20 @@ def read_prediction_log(folder: str | Path, segments: Sequence[Path] | None = No
             )
     if not frames:
         return pl.DataFrame(schema=FRAME_SCHEMA)
-    lines = pl.concat(frames)
-    return lines.unnest("inputs").select(
+    lines = pl.concat(frames).with_row_index("__line")
+    batches = lines.filter(pl.col("kind") == BATCH_KIND)
+    # A request's columns become one row per prediction, numbered in request order.
+    expanded = (
+        batches.drop("inputs", "record_index", "delay_probability", "delayed")
+        .with_columns(pl.int_ranges(pl.col("batch").struct.field("delayed").list.len())
+                      .alias("record_index"))
+        .unnest("batch")
+        .explode([*INPUT_COLUMNS, "delay_probability", "delayed", "record_index"])
+        .with_columns(pl.lit("prediction").alias("kind"))
+    )  # fmt: skip
+    single = lines.filter(pl.col("kind") != BATCH_KIND).drop("batch").unnest("inputs")
+    rows = pl.concat([single, expanded], how="diagonal_relaxed").sort("__line", maintain_order=True)
+    return rows.select(
         pl.col("time").str.to_datetime(time_unit="us", time_zone="UTC")
         if name == "time"
         else pl.col(name).cast(dtype)
