@@ -32,6 +32,7 @@ interleaved within each phase, ``--repeats`` times; the table shows medians.
 import argparse
 import asyncio
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -68,13 +69,18 @@ def _free_port() -> int:
 # annotations at runtime, and ``Request`` is imported inside the child process only.
 
 
-def prepare(home: Path) -> dict[str, Any]:
-    """Warehouse (weather, planes), registry with two real models, and the request records."""
+def prepare(home: Path, toy_model: bool = False) -> dict[str, Any]:
+    """Warehouse (weather, planes), registry with two real models, and the request records.
+
+    The models are what the pipeline would serve: the project's Optuna search (default
+    settings) on January, early-stopped on its last week. ``toy_model``: 30 rounds of 15 leaves
+    instead, the model of the measurements before 2026-11-27.
+    """
     import polars as pl
 
     from mlops_assets.features.preprocess import Preprocessor
     from mlops_assets.features.transform import BOOKING_COLUMNS, FEATURES, LABEL, build_features
-    from mlops_assets.train.model import Matrix, fit
+    from mlops_assets.train.model import Matrix, SearchSettings, fit, search
     from resources.registry import ModelRegistryResource
     from resources.warehouse import WarehouseResource
     from tests.realdata import valid_table as valid
@@ -89,20 +95,22 @@ def prepare(home: Path) -> dict[str, Any]:
     labelled = build_features(flights, weather, planes).filter(pl.col(LABEL).is_not_null())
     preprocessor = Preprocessor.fit(labelled)
     matrix = Matrix.from_features(labelled, preprocessor)
+    late = labelled.get_column("flight_date").dt.day() > 24
+    train, valid = (Matrix.from_features(labelled.filter(m), preprocessor) for m in (~late, late))
     versions = []
     for seed in (13, 14):
-        booster = fit(
-            {"num_leaves": 15, "learning_rate": 0.1, "min_child_samples": 50},
-            matrix,
-            30,
-            seed=seed,
-            num_threads=2,
-        )
+        if toy_model:
+            params = {"num_leaves": 15, "learning_rate": 0.1, "min_child_samples": 50}
+            booster = fit(params, matrix, 30, seed=seed, num_threads=2)
+        else:
+            found = search(train, valid, SearchSettings(seed=seed))
+            booster = found.booster
+            params = found.params
         manifest = registry.register(
             booster.model_to_string(),
             preprocessor.to_json(),
             {
-                "params": {"num_leaves": 15, "num_boost_round": 30},
+                "params": {**params, "num_boost_round": booster.num_trees()},
                 "features": [{"name": f.name, "kind": f.kind} for f in FEATURES],
                 "metrics": {},
                 "training": {"months": {"train": ["2013-01"]}},
@@ -241,11 +249,15 @@ async def _load(
 
     records = json.loads(Path(os.environ["BENCH_RECORDS"]).read_text())
     size = int(os.environ.get("BENCH_BATCH", "1"))
-    bodies = [
-        json.dumps({"flights": records[i : i + size]}).encode()
-        for i in range(0, len(records) - size + 1, size)
-    ]
-    headers = {"content-type": "application/json"}
+    chunks = [records[i : i + size] for i in range(0, len(records) - size + 1, size)]
+    if os.environ.get("BENCH_FORMAT", "json") == "arrow":
+        from mlops_assets.serve.columnar import ARROW_MEDIA_TYPE, to_arrow
+
+        bodies = [to_arrow(chunk) for chunk in chunks]
+        headers = {"content-type": ARROW_MEDIA_TYPE}
+    else:
+        bodies = [json.dumps({"flights": chunk}).encode() for chunk in chunks]
+        headers = {"content-type": "application/json"}
     latencies: list[float] = []
     bad: list[str] = []
     window: dict[str, float] = {}
@@ -309,6 +321,7 @@ def run_client(
     seconds: float,
     watch: list[int],
     batch: int = 1,
+    body_format: str = "json",
 ) -> dict[str, Any]:
     """One measurement, by a client process of its own."""
     command = [
@@ -319,7 +332,12 @@ def run_client(
     out = subprocess.run(
         command,
         cwd=REPO,
-        env={**os.environ, "BENCH_RECORDS": str(records), "BENCH_BATCH": str(batch)},
+        env={
+            **os.environ,
+            "BENCH_RECORDS": str(records),
+            "BENCH_BATCH": str(batch),
+            "BENCH_FORMAT": body_format,
+        },
         capture_output=True,
         text=True,
         timeout=warmup + seconds + 120,
@@ -514,7 +532,7 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], notes: list[str
 def main_bench(args: argparse.Namespace) -> None:
     home = Path(args.home).resolve()
     started = time.monotonic()
-    stores = prepare(home)
+    stores = prepare(home, args.toy_model)
     v1, v2 = stores["versions"]
     records = home / "records.json"
     print(f"setup: 2 models trained on January ({time.monotonic() - started:.1f}s)", flush=True)
@@ -596,7 +614,7 @@ def main_batch(args: argparse.Namespace) -> None:
 
     home = Path(args.home).resolve()
     size = args.batch
-    stores = prepare(home)
+    stores = prepare(home, args.toy_model)
     version = stores["versions"][0]
     records_path = home / "records-batch.json"
     records = json.loads(records_path.read_text())
@@ -634,14 +652,16 @@ def main_batch(args: argparse.Namespace) -> None:
                     rows.setdefault(key, []).append(_rows_per_s(fn, size, args.seconds))
                     print(f"round {repeat + 1}: {key:<40} {rows[key][-1]:10,.0f} rows/s")
                 for label, url in phase.urls.items():
-                    for concurrency in args.concurrency:
+                    for concurrency, body_format in itertools.product(
+                        args.concurrency, args.formats
+                    ):
                         r = run_client(
                             url, records_path, concurrency, args.warmup, args.seconds,
-                            phase.pids, batch=size,
+                            phase.pids, batch=size, body_format=body_format,
                         )  # fmt: skip
                         if r["errors"]:
                             raise RuntimeError(f"{label}: {r['error_sample']}")
-                        key = f"HTTP {label}, {concurrency} client(s)"
+                        key = f"HTTP {label}, {body_format}, {concurrency} client(s)"
                         rows.setdefault(key, []).append(r["rps"] * size)
                         print(
                             f"round {repeat + 1}: {key:<40} {r['rps'] * size:10,.0f} rows/s  "
@@ -696,6 +716,18 @@ def main() -> None:
         type=int,
         default=0,
         help="measure N-record requests (rows/s vs in-process Booster.predict) instead",
+    )
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        default=["json", "arrow"],
+        choices=["json", "arrow"],
+        help="request body formats for --batch (JSON records, Arrow IPC stream)",
+    )
+    parser.add_argument(
+        "--toy-model",
+        action="store_true",
+        help="serve a 30-round, 15-leaf model instead of the project's searched one",
     )
     parser.add_argument(
         "--batch-wait-ms", type=float, default=None, help="@serve.batch wait (default: the app's)"

@@ -46,7 +46,7 @@ from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.splits import assign_splits, split_months
 from mlops_assets.features.transform import FEATURE_NAMES, LABEL, build_features
 from mlops_assets.train import model as model_module
-from mlops_assets.train.model import Matrix, SearchSettings, fit, search
+from mlops_assets.train.model import Matrix, SearchSettings, fit, fit_early_stopped, search
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".mlops" / "bench" / "replay"  # --no-cache: a fresh temporary folder
@@ -83,6 +83,11 @@ class Policy:
     drop: tuple[str, ...] = ()
     """Features blanked to null everywhere (LightGBM then cannot split on them): a stand-in for
     removing them from the feature function, to try before editing it."""
+    retrain_params: str = "search"
+    """Retrains after the first champion: ``search`` = a fresh Optuna search each time;
+    ``champion`` = no search, the serving champion's parameters with early stopping on valid for
+    the round count (``model.fit_early_stopped``)."""
+    early_stopping_rounds: int = SearchSettings.early_stopping_rounds
     n_trials: int = 6
     seed: int = 13
     num_threads: int = 2
@@ -157,7 +162,9 @@ class _Weighted:
         model_module.dataset = self.original
 
 
-def _cache_key(policy: Policy, months: dict[str, list[str]], kind: str) -> str:
+def _cache_key(
+    policy: Policy, months: dict[str, list[str]], kind: str, params: dict[str, Any] | None = None
+) -> str:
     payload = {
         "kind": kind,
         "months": months,
@@ -169,11 +176,19 @@ def _cache_key(policy: Policy, months: dict[str, list[str]], kind: str) -> str:
         "rounds_scale": policy.refit_rounds_scale if kind == "refit" else None,
         "code": _code_hash(),
     }
+    if params is not None:  # no search: these parameters, early stopping for the rounds
+        payload["fixed_params"] = params
+    if policy.early_stopping_rounds != SearchSettings.early_stopping_rounds:
+        payload["early_stopping_rounds"] = policy.early_stopping_rounds
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def train_candidate(
-    name: str, features: pl.DataFrame, landed: list[str], policy: Policy
+    name: str,
+    features: pl.DataFrame,
+    landed: list[str],
+    policy: Policy,
+    params: dict[str, Any] | None = None,
 ) -> Candidate:
     """The pipeline's training_set + challenger_model on the landed months."""
     split = split_months(
@@ -184,7 +199,7 @@ def train_candidate(
     valid = frame.filter(pl.col("split") == "valid")
     preprocessor = Preprocessor.fit(train)
     months = {"train": split.train, "valid": split.valid, "test": split.test}
-    key = _cache_key(policy, months, "search")
+    key = _cache_key(policy, months, "search", params)
     path = CACHE / f"{key}.json"
     valid_m = Matrix.from_features(valid, preprocessor)
     if path.exists():
@@ -194,10 +209,16 @@ def train_candidate(
         seconds, cached = stored["seconds"], True
     else:
         settings = SearchSettings(
-            n_trials=policy.n_trials, seed=policy.seed, num_threads=policy.num_threads
-        )
+            n_trials=policy.n_trials, seed=policy.seed, num_threads=policy.num_threads,
+            early_stopping_rounds=policy.early_stopping_rounds,
+        )  # fmt: skip
+        train_m = Matrix.from_features(train, preprocessor)
         with _Weighted(_weights(train, split.valid[0], policy.half_life)):
-            result = search(Matrix.from_features(train, preprocessor), valid_m, settings)
+            result = (
+                search(train_m, valid_m, settings)
+                if params is None
+                else fit_early_stopped(params, train_m, valid_m, settings)
+            )
         booster, params, rounds = result.booster, result.params, result.best_iteration
         valid_auc, seconds, cached = result.best_valid_auc, result.seconds, False
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -303,6 +324,7 @@ def replay(policy: Policy, features: pl.DataFrame, log: bool = True) -> dict[str
     reference = (
         train_candidate("ref", features, MONTHS[:FIRST_LANDED], today)
         if policy.refit != "none" or policy.window or policy.valid_months != 1 or policy.half_life
+        or policy.early_stopping_rounds != today.early_stopping_rounds
         else static
     )
     rows = []
@@ -321,7 +343,10 @@ def replay(policy: Policy, features: pl.DataFrame, log: bool = True) -> dict[str
         if month == MONTHS[-1]:
             rows[-1]["gate"] = "-"
             break
-        challenger = train_candidate(f"v{index - FIRST_LANDED + 2}", features, landed, policy)
+        params = champion.params if policy.retrain_params == "champion" else None
+        challenger = train_candidate(
+            f"v{index - FIRST_LANDED + 2}", features, landed, policy, params
+        )
         # The frozen set is month m: the gate refuses it if either model trained on it.
         scored = gated(challenger)
         overlap = [month] if month in scored.trained_on() | champion.trained_on() else []
@@ -391,6 +416,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-auc-gain", type=float, default=GateRules.min_auc_gain)
     parser.add_argument("--gate", choices=["challenger", "holdout-refit"], default="challenger")
     parser.add_argument("--drop", default="", help="comma-separated features to blank")
+    parser.add_argument("--retrain-params", choices=["search", "champion"], default="search")
+    parser.add_argument(
+        "--early-stopping-rounds", type=int, default=SearchSettings.early_stopping_rounds
+    )
     parser.add_argument("--n-trials", type=int, default=6)
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--num-threads", type=int, default=2)
@@ -406,6 +435,8 @@ def main(argv: list[str] | None = None) -> None:
         min_auc_gain=args.min_auc_gain,
         gate=args.gate,
         drop=tuple(d for d in args.drop.split(",") if d),
+        retrain_params=args.retrain_params,
+        early_stopping_rounds=args.early_stopping_rounds,
         n_trials=args.n_trials,
         seed=args.seed,
         num_threads=args.num_threads,
