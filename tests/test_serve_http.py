@@ -39,7 +39,7 @@ from mlops_assets.serve.app import build_app
 from mlops_assets.serve.columnar import ARROW_MEDIA_TYPE, INPUT_SCHEMA, Bookings, to_arrow
 from mlops_assets.serve.predictor import Predictor, PredictorError, time_predict
 from mlops_assets.serve.predlog import PredictionLog, read_prediction_log
-from mlops_assets.serve.schema import FlightRecord, predict_request_model
+from mlops_assets.serve.schema import FlightRecord, parsing_request_model, predict_request_model
 from mlops_assets.train.model import Matrix, fit
 from resources.registry import ModelIntegrityError, ModelRegistryResource
 
@@ -403,6 +403,19 @@ def test_bad_payloads_get_a_clear_4xx(
         assert detail[0]["loc"] == loc, detail
         assert all(e["msg"] and e["type"] for e in detail)
         assert all("input" not in e for e in detail)  # never echo the payload back
+
+
+def test_the_fast_parsing_model_has_the_record_fields_and_constraints() -> None:
+    """Valid bodies are parsed by a model without the Python validators: same fields else."""
+    fast = parsing_request_model(MAX_RECORDS).model_json_schema()
+    full = predict_request_model(MAX_RECORDS).model_json_schema()
+    assert fast["properties"]["flights"] | {"items": None} == full["properties"]["flights"] | {
+        "items": None
+    }
+    (fast_record,) = fast["$defs"].values()
+    full_record = full["$defs"]["FlightRecord"]
+    for key in ("properties", "required", "additionalProperties"):
+        assert fast_record[key] == full_record[key], key
 
 
 def test_bad_payloads_are_many_and_distinct() -> None:

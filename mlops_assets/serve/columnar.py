@@ -190,6 +190,16 @@ def _bad_calendar() -> pl.Expr:
     ).fill_null(False)
 
 
+_CALENDAR = ("year", "month", "day", "sched_dep_time", "sched_arr_time")
+
+
+def impossible_calendar_rows(bookings: Bookings) -> list[int]:
+    """Rows of in-range records whose date or clock time does not exist (Feb 30, 12:75)."""
+    frame = pl.DataFrame({c: bookings.columns[c] for c in _CALENDAR}, schema=dict.fromkeys(
+        _CALENDAR, pl.Int64))  # fmt: skip
+    return frame.select(_bad_calendar().arg_true()).to_series().to_list()
+
+
 @functools.lru_cache(maxsize=64)
 def _screen(columns: tuple[str, ...]) -> pl.Expr:
     """Row numbers whose values break any rule, for a body with these columns."""

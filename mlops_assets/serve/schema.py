@@ -117,6 +117,23 @@ def predict_request_model(max_records: int = DEFAULT_MAX_RECORDS) -> type[Predic
     )
 
 
+@cache
+def parsing_request_model(max_records: int = DEFAULT_MAX_RECORDS) -> type[BaseModel]:
+    """``predict_request_model(max_records)`` without ``FlightRecord``'s Python validators.
+
+    Same fields, types and constraints, checked in Rust only: a valid body parses ~1.5x faster.
+    The two rules left out (the date exists, the clock times exist) must then be checked on the
+    columns (:func:`~mlops_assets.serve.columnar.impossible_calendar_rows`), and any body that
+    fails either check is validated again by the full model for its exact errors.
+    """
+    fields: dict[str, Any] = {
+        name: (info.annotation, info) for name, info in FlightRecord.model_fields.items()
+    }
+    record = create_model("FlightRecordFields", __config__=_STRICT, **fields)
+    full = predict_request_model(max_records).model_fields["flights"]
+    return create_model("PredictRequestFields", __config__=_STRICT, flights=(list[record], full))
+
+
 class Prediction(BaseModel):
     delay_probability: float = Field(ge=0.0, le=1.0, description="P(arrival > 15 min late)")
     delayed: bool = Field(description="delay_probability at or above the model's threshold")
