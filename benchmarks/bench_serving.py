@@ -76,53 +76,25 @@ def prepare(home: Path, toy_model: bool = False) -> dict[str, Any]:
     settings) on January, early-stopped on its last week. ``toy_model``: 30 rounds of 15 leaves
     instead, the model of the measurements before 2026-11-27.
     """
-    import polars as pl
+    from mlops_assets.train.model import SearchSettings, search
+    from tests.realdata import January, serving_stores, small_lightgbm
 
-    from mlops_assets.features.preprocess import Preprocessor
-    from mlops_assets.features.transform import BOOKING_COLUMNS, FEATURES, LABEL, build_features
-    from mlops_assets.train.model import Matrix, SearchSettings, fit, search
-    from resources.registry import ModelRegistryResource
-    from resources.warehouse import WarehouseResource
-    from tests.realdata import valid_table as valid
+    def searched(seed: int) -> Any:
+        def make(data: January) -> tuple[Any, dict[str, Any]]:
+            found = search(data.matrix((1, 24)), data.matrix((25, 31)), SearchSettings(seed=seed))
+            return found.booster, {**found.params, "num_boost_round": found.booster.num_trees()}
+
+        return make
 
     if home.exists():
         shutil.rmtree(home)
-    flights, weather, planes = valid("flights", 1), valid("weather"), valid("planes")
-    warehouse = WarehouseResource(root=str(home / "warehouse"), reports_root=str(home / "reports"))
-    warehouse.write("weather", weather, "2013-01")
-    warehouse.write("planes", planes)
-    registry = ModelRegistryResource(root=str(home / "registry"))
-    labelled = build_features(flights, weather, planes).filter(pl.col(LABEL).is_not_null())
-    preprocessor = Preprocessor.fit(labelled)
-    matrix = Matrix.from_features(labelled, preprocessor)
-    late = labelled.get_column("flight_date").dt.day() > 24
-    train, valid = (Matrix.from_features(labelled.filter(m), preprocessor) for m in (~late, late))
-    versions = []
-    for seed in (13, 14):
-        if toy_model:
-            params = {"num_leaves": 15, "learning_rate": 0.1, "min_child_samples": 50}
-            booster = fit(params, matrix, 30, seed=seed, num_threads=2)
-        else:
-            found = search(train, valid, SearchSettings(seed=seed))
-            booster = found.booster
-            params = found.params
-        manifest = registry.register(
-            booster.model_to_string(),
-            preprocessor.to_json(),
-            {
-                "params": {**params, "num_boost_round": booster.num_trees()},
-                "features": [{"name": f.name, "kind": f.kind} for f in FEATURES],
-                "metrics": {},
-                "training": {"months": {"train": ["2013-01"]}},
-            },
-        )
-        versions.append(manifest["version"])
-    records = flights.select(list(BOOKING_COLUMNS)).sample(N_RECORDS, seed=5).to_dicts()
-    (home / "records.json").write_text(json.dumps(records))
+    makers = [small_lightgbm(s, 15, 30) if toy_model else searched(s) for s in (13, 14)]
+    built = serving_stores(home, makers)
+    (home / "records.json").write_text(json.dumps(built.bookings(N_RECORDS, seed=5)))
     # Large requests: distinct January bookings, BATCH_BODIES bodies' worth.
-    batch = flights.select(list(BOOKING_COLUMNS)).sample(BATCH_BODIES * 1000, seed=6).to_dicts()
+    batch = built.bookings(BATCH_BODIES * 1000, seed=6)
     (home / "records-batch.json").write_text(json.dumps(batch))
-    return {"registry": registry, "warehouse": warehouse, "versions": versions}
+    return {"registry": built.registry, "warehouse": built.warehouse, "versions": built.versions}
 
 
 # --------------------------------------------------------------------------- baselines (a), (b)

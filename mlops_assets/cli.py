@@ -18,6 +18,7 @@ import typer
 
 from resources.files import land_month, parse_month
 from resources.settings import mlops_paths
+from resources.storage import pid_alive
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MONTHS = [f"2013-{m:02d}" for m in range(1, 7)]
@@ -110,7 +111,7 @@ def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     while family and time.monotonic() < deadline:
-        family = {pid for pid in family if _alive(pid)}
+        family = {pid for pid in family if pid_alive(pid)}
         time.sleep(0.2)
     for pid in family:
         with contextlib.suppress(ProcessLookupError):
@@ -266,19 +267,6 @@ class _Progress:
             _echo("try it:\n" + CURL_EXAMPLE.format(endpoint=self.endpoint))
 
 
-def _alive(pid: int) -> bool:
-    """Running (an exited process its parent has not reaped yet counts as stopped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
-
-
 def _pid_file() -> Path:
     return mlops_paths().home / "run" / "up.pid"
 
@@ -301,7 +289,7 @@ def down(
         raise typer.Exit(code=1) from None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not pid_alive(pid):
             typer.echo(f"stopped `mlops up` (pid {pid})")
             return
         time.sleep(0.25)

@@ -24,14 +24,19 @@ StoragePath: TypeAlias = "Path | UPath"
 """Where a file lives: the local disk (``Path``) or an fsspec file system (``UPath``)."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (a zombie, exited but not reaped, counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        return True  # someone else's process
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux) or it just exited: kill(0) said it was there
+    return state not in ("Z", "X")
 
 
 def remove_orphaned_temp_files(target: Path) -> list[Path]:
@@ -44,7 +49,7 @@ def remove_orphaned_temp_files(target: Path) -> list[Path]:
     prefix = f".{target.name}."
     for tmp in target.parent.glob(f"{glob.escape(prefix)}*.tmp"):
         pid = tmp.name[len(prefix) :].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed

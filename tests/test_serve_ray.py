@@ -26,11 +26,9 @@ import polars as pl
 import pytest
 import ray
 from ray import serve
-from realdata import valid_table
+from realdata import serving_stores, small_lightgbm
 from test_serve_http import BAD_PAYLOADS, GOOD
 
-from mlops_assets.features.preprocess import Preprocessor
-from mlops_assets.features.transform import BOOKING_COLUMNS, FEATURES, LABEL, build_features
 from mlops_assets.serve import assets as serve_assets
 from mlops_assets.serve.deployment import (
     DeployError,
@@ -48,7 +46,6 @@ from mlops_assets.serve.ray_runtime import (
     start_local_ray,
     stop_local_ray,
 )
-from mlops_assets.train.model import Matrix, fit
 from resources.prediction_log import PredictionLogResource
 from resources.ray import RayResource
 from resources.registry import ModelRegistryResource
@@ -78,37 +75,13 @@ def home() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def stores(home: Path) -> dict[str, Any]:
-    flights = valid_table("flights", 1)
-    weather, planes = valid_table("weather"), valid_table("planes")
-    warehouse = WarehouseResource(root=str(home / "warehouse"), reports_root=str(home / "reports"))
-    warehouse.write("weather", weather, "2013-01")
-    warehouse.write("planes", planes)
-    registry = ModelRegistryResource(root=str(home / "registry"))
-    labelled = build_features(flights, weather, planes).filter(pl.col(LABEL).is_not_null())
-    preprocessor = Preprocessor.fit(labelled)
-    matrix = Matrix.from_features(labelled, preprocessor)
-    versions = []
-    for seed, leaves in [(1, 7), (2, 15)]:
-        booster = fit(
-            {"num_leaves": leaves, "learning_rate": 0.1, "min_child_samples": 50},
-            matrix,
-            20,
-            seed=seed,
-            num_threads=2,
-        )
-        manifest = registry.register(
-            booster.model_to_string(),
-            preprocessor.to_json(),
-            {
-                "params": {"num_leaves": leaves, "num_boost_round": 20},
-                "features": [{"name": f.name, "kind": f.kind} for f in FEATURES],
-                "metrics": {"valid_auc": 0.7},
-                "training": {"months": {"train": ["2013-01"]}},
-            },
-        )
-        versions.append(manifest["version"])
-    records = flights.select(list(BOOKING_COLUMNS)).sample(400, seed=5).to_dicts()
-    return {"warehouse": warehouse, "registry": registry, "versions": versions, "records": records}
+    built = serving_stores(home, [small_lightgbm(1, 7), small_lightgbm(2, 15)])
+    return {
+        "warehouse": built.warehouse,
+        "registry": built.registry,
+        "versions": built.versions,
+        "records": built.bookings(400, seed=5),
+    }
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import httpx
 import polars as pl
 
 from mlops_assets.metadata import markdown_table
-from mlops_assets.serve.schema import DEFAULT_MAX_RECORDS
+from mlops_assets.serve.schema import SERVING
 from resources.prediction_log import PredictionLogResource
 from resources.ray import RayResource
 from resources.registry import ModelRegistryResource
@@ -26,13 +26,13 @@ CHECK_NAME = "endpoint_serves_champion"
 class ServedModelConfig(dg.Config):
     """Serving knobs (the defaults suit a 2-core machine)."""
 
-    num_replicas: int = 1
-    replica_num_cpus: float = 1.0
-    max_batch_size: int = 64
-    batch_wait_timeout_s: float = 0.002
-    max_ongoing_requests: int = 128
-    max_queued_requests: int = 256
-    max_records: int = DEFAULT_MAX_RECORDS
+    num_replicas: int = SERVING.num_replicas
+    replica_num_cpus: float = SERVING.replica_num_cpus
+    max_batch_size: int = SERVING.max_batch_size
+    batch_wait_timeout_s: float = SERVING.batch_wait_timeout_s
+    max_ongoing_requests: int = SERVING.max_ongoing_requests
+    max_queued_requests: int = SERVING.max_queued_requests
+    max_records: int = SERVING.max_records
 
 
 def serve_config(
@@ -55,13 +55,7 @@ def serve_config(
         prediction_log_dir=str(Path(prediction_log_files.folder).resolve()),
         state_dir=str(Path(ray_serve.state_dir).resolve() / "serve"),
         api_token=ray_serve.api_token or None,
-        num_replicas=knobs.num_replicas,
-        replica_num_cpus=knobs.replica_num_cpus,
-        max_batch_size=knobs.max_batch_size,
-        batch_wait_timeout_s=knobs.batch_wait_timeout_s,
-        max_ongoing_requests=knobs.max_ongoing_requests,
-        max_queued_requests=knobs.max_queued_requests,
-        max_records=knobs.max_records,
+        **knobs.model_dump(),
     )
 
 

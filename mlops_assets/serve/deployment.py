@@ -67,7 +67,7 @@ from mlops_assets.serve.columnar import Bookings
 from mlops_assets.serve.metrics import PREFIX, ServeMetrics
 from mlops_assets.serve.predictor import Predictor
 from mlops_assets.serve.predlog import PredictionLog
-from mlops_assets.serve.schema import DEFAULT_MAX_RECORDS
+from mlops_assets.serve.schema import SERVING
 from resources.registry import ModelRegistryResource
 from resources.storage import write_text_atomic
 from resources.warehouse import WarehouseResource
@@ -102,22 +102,19 @@ class ServeConfig(BaseModel):
         default=None, description="where the last deployed version is recorded for restarts"
     )
     api_token: SecretStr | None = None
-    max_records: int = DEFAULT_MAX_RECORDS
+    max_records: int = SERVING.max_records
     max_body_bytes: int = 1_000_000
-    num_replicas: int = 1
-    replica_num_cpus: float = 1.0
+    num_replicas: int = SERVING.num_replicas
+    replica_num_cpus: float = SERVING.replica_num_cpus
     predict_threads: int = 2
-    # @serve.batch: up to max_batch_size records scored together, waiting at most this long for
-    # company; a request with more than batch_bypass_records records is a batch already.
-    max_batch_size: int = 64
-    batch_wait_timeout_s: float = 0.002
+    max_batch_size: int = SERVING.max_batch_size
+    batch_wait_timeout_s: float = SERVING.batch_wait_timeout_s
+    # A request with more than batch_bypass_records records is a batch already.
     batch_bypass_records: int = 32
     score_alone_inline: bool = True
     """Score a request at once when no other is being scored (no batch wait at low load)."""
-    # Ray's default max_ongoing_requests (5) throttles a batching replica to ~13 req/s; past
-    # max_queued_requests waiting at the proxy, callers get a fast 503 instead of a pile-up.
-    max_ongoing_requests: int = 128
-    max_queued_requests: int = 256
+    max_ongoing_requests: int = SERVING.max_ongoing_requests
+    max_queued_requests: int = SERVING.max_queued_requests
     # Ray's per-request access log costs ~7% of a replica's CPU on single-record traffic, and
     # the prediction log already records every request (id, status, latency).
     access_log: bool = False

@@ -35,7 +35,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from resources.storage import write_text_atomic
+from resources.storage import pid_alive, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +92,6 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) is not running.
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state != "Z"
-
-
 def _reap(pid: int) -> None:
     """Collect our own exited child, if it is one (no zombie left behind)."""
     with contextlib.suppress(ChildProcessError, OSError):
@@ -133,7 +118,7 @@ def session_pids(session_id: int, temp_dir: str | None = None) -> list[int]:
             continue
         pid = int(entry.name)
         try:
-            if os.getsid(pid) != session_id or not _alive(pid):
+            if os.getsid(pid) != session_id or not pid_alive(pid):
                 continue
         except (ProcessLookupError, PermissionError):
             continue

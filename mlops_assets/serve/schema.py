@@ -10,12 +10,34 @@ fields are refused and NaN/infinity are rejected, so a malformed record never re
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
 DEFAULT_MAX_RECORDS = 1000
+
+
+@dataclass(frozen=True)
+class ServingDefaults:
+    """Serving knobs' defaults (they suit a 2-core machine), shared by the deployment's
+    ``ServeConfig`` and the ``served_model`` asset's run config without importing Ray here."""
+
+    num_replicas: int = 1
+    replica_num_cpus: float = 1.0
+    # @serve.batch: up to max_batch_size records scored together, waiting at most this long for
+    # company.
+    max_batch_size: int = 64
+    batch_wait_timeout_s: float = 0.002
+    # Ray's default max_ongoing_requests (5) throttles a batching replica to ~13 req/s; past
+    # max_queued_requests waiting at the proxy, callers get a fast 503 instead of a pile-up.
+    max_ongoing_requests: int = 128
+    max_queued_requests: int = 256
+    max_records: int = DEFAULT_MAX_RECORDS
+
+
+SERVING = ServingDefaults()
 
 # Same patterns as the pandera schemas the training data passed (validate/schemas.py), so a
 # record the service accepts is one the pipeline would have accepted too.

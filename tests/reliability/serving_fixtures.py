@@ -22,17 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import polars as pl
 import psutil
 import ray
 from ray import serve
-from realdata import valid_table
+from realdata import serving_stores, small_lightgbm
 from test_serve_ray import _free_port
 
-from mlops_assets.features.preprocess import Preprocessor
-from mlops_assets.features.transform import BOOKING_COLUMNS, FEATURES, LABEL, build_features
 from mlops_assets.serve.ray_runtime import local_ray, session_pids, stop_local_ray
-from mlops_assets.train.model import Matrix, fit
 from resources.ray import RayResource
 from resources.registry import ModelRegistryResource
 from resources.warehouse import WarehouseResource
@@ -52,38 +48,8 @@ class Stores:
 
 
 def _train_stores(home: Path, models: int) -> Stores:
-    flights = valid_table("flights", 1)
-    weather, planes = valid_table("weather"), valid_table("planes")
-    warehouse = WarehouseResource(root=str(home / "warehouse"), reports_root=str(home / "reports"))
-    warehouse.write("weather", weather, "2013-01")
-    warehouse.write("planes", planes)
-    registry = ModelRegistryResource(root=str(home / "registry"))
-    labelled = build_features(flights, weather, planes).filter(pl.col(LABEL).is_not_null())
-    preprocessor = Preprocessor.fit(labelled)
-    matrix = Matrix.from_features(labelled, preprocessor)
-    versions = []
-    for seed in range(1, models + 1):
-        leaves = 7 * seed + 1
-        booster = fit(
-            {"num_leaves": leaves, "learning_rate": 0.1, "min_child_samples": 50},
-            matrix,
-            20,
-            seed=seed,
-            num_threads=2,
-        )
-        manifest = registry.register(
-            booster.model_to_string(),
-            preprocessor.to_json(),
-            {
-                "params": {"num_leaves": leaves, "num_boost_round": 20},
-                "features": [{"name": f.name, "kind": f.kind} for f in FEATURES],
-                "metrics": {"valid_auc": 0.7},
-                "training": {"months": {"train": ["2013-01"]}},
-            },
-        )
-        versions.append(manifest["version"])
-    records = flights.select(list(BOOKING_COLUMNS)).sample(400, seed=5).to_dicts()
-    return Stores(home, warehouse, registry, versions, records)
+    built = serving_stores(home, [small_lightgbm(s, 7 * s + 1) for s in range(1, models + 1)])
+    return Stores(home, built.warehouse, built.registry, built.versions, built.bookings(400, 5))
 
 
 _TRAINED: dict[int, Stores] = {}
