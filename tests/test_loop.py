@@ -96,11 +96,9 @@ class Loop:
         return response.json().get("model_version")
 
 
-@pytest.fixture(scope="module")
-def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
-    home = tmp_path_factory.mktemp("mlops")
-    dagster_home = tmp_path_factory.mktemp("dagster_home")
-    shutil.copyfile(ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
+def loop_env(home: Path, dagster_home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a loop under test: its own homes and port, no cooldown, 2 trials,
+    the embedded sources and a local Ray (whatever the calling shell points at)."""
     env = {
         **os.environ,
         "MLOPS_HOME": str(home),
@@ -108,9 +106,19 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
         "MLOPS_SERVE_PORT": str(_free_port()),
         "MLOPS_RETRAIN_COOLDOWN_SECONDS": "0",
         "MLOPS_RETRAIN_TRIALS": "2",
+        **extra,
     }
     for name in ("MLOPS_REFERENCE_DB_URL", "MLOPS_WEATHER_API_URL", "RAY_ADDRESS"):
         env.pop(name, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
+    home = tmp_path_factory.mktemp("mlops")
+    dagster_home = tmp_path_factory.mktemp("dagster_home")
+    shutil.copyfile(ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
+    env = loop_env(home, dagster_home)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     loop = Loop(home, dagster_home, env)

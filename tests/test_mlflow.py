@@ -15,6 +15,7 @@ from typing import Any
 import dagster as dg
 import polars as pl
 import pytest
+from test_model import metadata, run
 
 from mlops_assets.definitions import defs
 from mlops_assets.train.mlflow_bridge import MODEL_NAME, VERSION_TAG, MlflowResource
@@ -74,19 +75,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
 def materialize(
     prepared: dict[str, Any], resources: dict[str, Any], selection: list[str], seed: int
 ) -> dg.ExecuteInProcessResult:
-    config = forced(seed)
-    ops = {k: v for k, v in config["ops"].items() if k in selection}
-    return dg.materialize(
-        ASSETS, selection=selection, resources=resources, instance=prepared["instance"],
-        run_config={"ops": ops}, raise_on_error=False,
-    )  # fmt: skip
-
-
-def metadata(result: dg.ExecuteInProcessResult, key: str) -> dict[str, Any]:
-    for event in result.get_asset_materialization_events():
-        if event.asset_key == dg.AssetKey(key):
-            return {k: v.value for k, v in event.materialization.metadata.items()}
-    raise AssertionError(f"{key} was not materialized")
+    return run(prepared, resources, selection, forced(seed))
 
 
 def alias(client: Any, name: str) -> tuple[str, str] | None:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from resources.extract import frame_checksum
-from tests.test_loop import REFERENCE, ROOT, Loop, _free_port
+from tests.test_loop import REFERENCE, ROOT, Loop, loop_env
 
 
 class Harness(Loop):
@@ -101,21 +101,6 @@ def write_workspace(folder: Path, module: str) -> Path:
     return path
 
 
-def harness_env(home: Path, dagster_home: Path, **extra: str) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "MLOPS_HOME": str(home),
-        "DAGSTER_HOME": str(dagster_home),
-        "MLOPS_SERVE_PORT": str(_free_port()),
-        "MLOPS_RETRAIN_COOLDOWN_SECONDS": "0",
-        "MLOPS_RETRAIN_TRIALS": "2",
-        **extra,
-    }
-    for name in ("MLOPS_REFERENCE_DB_URL", "MLOPS_WEATHER_API_URL", "RAY_ADDRESS"):
-        env.pop(name, None)
-    return env
-
-
 def make_harness(
     made: list[Harness],
     tmp_path_factory: pytest.TempPathFactory,
@@ -129,7 +114,7 @@ def make_harness(
     home = tmp_path_factory.mktemp("mlops")
     dagster_home = tmp_path_factory.mktemp("dagster_home")
     write_instance_yaml(dagster_home)
-    env = harness_env(home, dagster_home, **extra_env)
+    env = loop_env(home, dagster_home, **extra_env)
     os.environ.update(env)
     workspace = write_workspace(home, module)
     harness = Harness(home, dagster_home, env, workspace)
