@@ -323,7 +323,10 @@ def replay(policy: Policy, features: pl.DataFrame, log: bool = True) -> dict[str
                    num_threads=policy.num_threads)  # fmt: skip
     reference = (
         train_candidate("ref", features, MONTHS[:FIRST_LANDED], today)
-        if policy.refit != "none" or policy.window or policy.valid_months != 1 or policy.half_life
+        if policy.refit != "none"
+        or policy.window
+        or policy.valid_months != 1
+        or policy.half_life
         or policy.early_stopping_rounds != today.early_stopping_rounds
         else static
     )

@@ -7,11 +7,12 @@ instead of a Python loop per record at every stage.
 
 Two body formats reach it:
 
-- ``application/json``, the contract's ``{"flights": [{...}, ...]}``, validated record by
-  record by pydantic (:class:`~mlops_assets.serve.schema.FlightRecord`);
+- ``application/json``, the contract's ``{"flights": [{...}, ...]}``, validated by pydantic
+  (:class:`~mlops_assets.serve.schema.FlightRecord`'s fields, then the date and clock-time
+  rules on the columns: :func:`impossible_calendar_rows`);
 - ``application/vnd.apache.arrow.stream``, an Arrow IPC stream with one column per record field
-  and one row per flight, for bulk clients. :func:`bookings_from_arrow` checks it column by
-  column with the *same* rules: the ranges and patterns are read from ``FlightRecord``'s fields,
+  and one row per flight, for bulk clients. :func:`validate_frame` checks it column by column
+  with the *same* rules: the ranges and patterns are read from ``FlightRecord``'s fields,
   a vectorized screen finds the rows that break any of them (or the date and clock-time rules),
   and those rows are validated by ``FlightRecord`` itself, so the errors, their paths and their
   messages are pydantic's own. A test holds both formats to the same answers.
@@ -79,10 +80,8 @@ class Bookings:
         columns: dict[str, Sequence[Any] | np.ndarray] = {}
         for c in INPUT_SCHEMA:
             values = [p.columns[c] for p in parts]
-            if all(isinstance(v, list) for v in values):
+            if all(isinstance(v, list) for v in values):  # always so for string columns
                 columns[c] = [x for v in values for x in v]
-            elif c in STRING_COLUMNS:
-                columns[c] = [x for v in values for x in list(v)]
             else:
                 dtype = np.int64 if c in INT_COLUMNS else np.float64
                 columns[c] = np.concatenate([np.asarray(v, dtype=dtype) for v in values])
