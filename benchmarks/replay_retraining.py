@@ -22,6 +22,8 @@ code of the feature, split and model modules included), so varying only the gate
 
     python -m benchmarks.replay_retraining                      # the pipeline's default policy
     python -m benchmarks.replay_retraining --refit all         # a policy to compare
+    python -m benchmarks.replay_retraining --retrain-params champion   # retrains reuse params
+    python -m benchmarks.replay_retraining --leaf-refit-decay 0.7      # Booster.refit leaves
     python -m benchmarks.replay_retraining --json .mlops/bench/replay.json
 """
 
@@ -46,7 +48,14 @@ from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.splits import assign_splits, split_months
 from mlops_assets.features.transform import FEATURE_NAMES, LABEL, build_features
 from mlops_assets.train import model as model_module
-from mlops_assets.train.model import Matrix, SearchSettings, fit, fit_early_stopped, search
+from mlops_assets.train.model import (
+    BASE_PARAMS,
+    Matrix,
+    SearchResult,
+    SearchSettings,
+    fit,
+    search,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".mlops" / "bench" / "replay"  # --no-cache: a fresh temporary folder
@@ -86,8 +95,12 @@ class Policy:
     retrain_params: str = "search"
     """Retrains after the first champion: ``search`` = a fresh Optuna search each time;
     ``champion`` = no search, the serving champion's parameters with early stopping on valid for
-    the round count (``model.fit_early_stopped``)."""
+    the round count (``fit_early_stopped``)."""
     early_stopping_rounds: int = SearchSettings.early_stopping_rounds
+    leaf_refit_decay: float = 0.0
+    """> 0: no new trees; each challenger is the first champion's trees with their leaf values
+    refit (``Booster.refit``, this ``decay_rate``) on every landed month it did not train on,
+    the test month excepted."""
     n_trials: int = 6
     seed: int = 13
     num_threads: int = 2
@@ -160,6 +173,40 @@ class _Weighted:
 
     def __exit__(self, *exc: object) -> None:
         model_module.dataset = self.original
+
+
+TUNED = ("learning_rate", "num_leaves", "min_child_samples", "feature_fraction",
+         "bagging_fraction", "lambda_l2", "cat_smooth")  # fmt: skip
+"""The parameters ``model._suggest`` tunes."""
+
+
+def fit_early_stopped(
+    params: dict[str, Any], train: Matrix, valid: Matrix, settings: SearchSettings
+) -> SearchResult:
+    """No search: the given parameters (the champion's), early stopping on the validation split
+    for the round count, then the same deterministic refit as ``model.search``."""
+    started = time.perf_counter()
+    params = {k: v for k, v in params.items() if k in TUNED}
+    train_set = model_module.dataset(train)
+    valid_set = model_module.dataset(valid, reference=train_set)
+    full = {**BASE_PARAMS, **params, "seed": settings.seed, "num_threads": settings.num_threads}
+    booster = lgb.train(
+        full,
+        train_set,
+        num_boost_round=settings.max_rounds,
+        valid_sets=[valid_set],
+        valid_names=["valid"],
+        callbacks=[lgb.early_stopping(settings.early_stopping_rounds, first_metric_only=True,
+                                      verbose=False)],
+    )  # fmt: skip
+    rounds = max(1, int(booster.best_iteration))
+    valid_auc = float(booster.best_score["valid"]["auc"])
+    booster = fit(params, train, rounds, seed=settings.seed, num_threads=settings.num_threads)
+    return SearchResult(
+        params=dict(params), best_iteration=rounds, best_valid_auc=valid_auc,
+        trials=pl.DataFrame({"trial": [0], "valid_auc": [valid_auc], "rounds": [rounds]}),
+        booster=booster, seconds=time.perf_counter() - started,
+    )  # fmt: skip
 
 
 def _cache_key(
@@ -261,6 +308,23 @@ def refit_candidate(
     )  # fmt: skip
 
 
+def leaf_refit_candidate(
+    name: str, base: Candidate, features: pl.DataFrame, landed: list[str], policy: Policy
+) -> Candidate:
+    """``base``'s trees, leaf values refit on the landed months it did not train on (not m)."""
+    started = time.perf_counter()
+    split = split_months(landed, valid_months=policy.valid_months, test_months=1)
+    refit_months = sorted(set(split.train + split.valid) - set(base.months["train"]))
+    matrix = Matrix.from_features(
+        features.filter(pl.col("month_key").is_in(refit_months)), base.preprocessor
+    )
+    booster = base.booster.refit(matrix.x, matrix.y, decay_rate=policy.leaf_refit_decay)
+    months = {"train": split.train, "valid": split.valid, "test": split.test}
+    return Candidate(name, booster, base.preprocessor, months, base.params, base.rounds,
+                     base.valid_auc, base.threshold, time.perf_counter() - started, False,
+                     refit_months=refit_months)  # fmt: skip
+
+
 def _metrics(candidate: Candidate, frame: pl.DataFrame) -> dict[str, float]:
     y = frame.get_column(LABEL).cast(pl.Float64).to_numpy()
     return binary_metrics(y, candidate.predict(frame), candidate.threshold)
@@ -347,8 +411,11 @@ def replay(policy: Policy, features: pl.DataFrame, log: bool = True) -> dict[str
             rows[-1]["gate"] = "-"
             break
         params = champion.params if policy.retrain_params == "champion" else None
-        challenger = train_candidate(
-            f"v{index - FIRST_LANDED + 2}", features, landed, policy, params
+        name = f"v{index - FIRST_LANDED + 2}"
+        challenger = (
+            leaf_refit_candidate(name, static, features, landed, policy)
+            if policy.leaf_refit_decay > 0
+            else train_candidate(name, features, landed, policy, params)
         )
         # The frozen set is month m: the gate refuses it if either model trained on it.
         scored = gated(challenger)
@@ -423,6 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--early-stopping-rounds", type=int, default=SearchSettings.early_stopping_rounds
     )
+    parser.add_argument("--leaf-refit-decay", type=float, default=0.0)
     parser.add_argument("--n-trials", type=int, default=6)
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--num-threads", type=int, default=2)
@@ -440,6 +508,7 @@ def main(argv: list[str] | None = None) -> None:
         drop=tuple(d for d in args.drop.split(",") if d),
         retrain_params=args.retrain_params,
         early_stopping_rounds=args.early_stopping_rounds,
+        leaf_refit_decay=args.leaf_refit_decay,
         n_trials=args.n_trials,
         seed=args.seed,
         num_threads=args.num_threads,

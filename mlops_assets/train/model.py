@@ -85,11 +85,6 @@ def _suggest(trial: optuna.Trial) -> dict[str, Any]:
     }
 
 
-_TUNED = ("learning_rate", "num_leaves", "min_child_samples", "feature_fraction",
-          "bagging_fraction", "lambda_l2", "cat_smooth")  # fmt: skip
-"""The parameters ``_suggest`` tunes; the rest are ``BASE_PARAMS`` or per-run settings."""
-
-
 def fit(
     params: dict[str, Any], train: Matrix, rounds: int, *, seed: int, num_threads: int
 ) -> lgb.Booster:
@@ -157,42 +152,6 @@ def search(train: Matrix, valid: Matrix, settings: SearchSettings) -> SearchResu
         booster=booster,
         seconds=time.perf_counter() - started,
         pruned=sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
-    )
-
-
-def fit_early_stopped(
-    params: dict[str, Any], train: Matrix, valid: Matrix, settings: SearchSettings
-) -> SearchResult:
-    """No search: the given parameters (e.g. the champion's), early stopping on the validation
-    split for the round count, then the same deterministic refit as ``search``."""
-    started = time.perf_counter()
-    params = {k: v for k, v in params.items() if k in _TUNED}
-    train_set = dataset(train)
-    valid_set = dataset(valid, reference=train_set)
-    full = {**BASE_PARAMS, **params, "seed": settings.seed, "num_threads": settings.num_threads}
-    booster = lgb.train(
-        full,
-        train_set,
-        num_boost_round=settings.max_rounds,
-        valid_sets=[valid_set],
-        valid_names=["valid"],
-        callbacks=[lgb.early_stopping(settings.early_stopping_rounds, first_metric_only=True,
-                                      verbose=False)],
-    )  # fmt: skip
-    rounds = max(1, int(booster.best_iteration))
-    valid_auc = float(booster.best_score["valid"]["auc"])
-    booster = fit(params, train, rounds, seed=settings.seed, num_threads=settings.num_threads)
-    trials = pl.DataFrame(
-        [{"trial": 0, "state": "FIXED", "valid_auc": valid_auc, "rounds": rounds,
-          **{k: round(v, 5) if isinstance(v, float) else v for k, v in params.items()}}]
-    )  # fmt: skip
-    return SearchResult(
-        params=dict(params),
-        best_iteration=rounds,
-        best_valid_auc=valid_auc,
-        trials=trials,
-        booster=booster,
-        seconds=time.perf_counter() - started,
     )
 
 
