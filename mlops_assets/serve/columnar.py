@@ -171,39 +171,28 @@ def _column_type_error(rule: ColumnRule, dtype: pl.DataType) -> str | None:
     return None
 
 
-def _bad_calendar() -> pl.Expr:
-    """True where the date or a clock time is impossible (FlightRecord's own validators)."""
-    year, month, day = pl.col("year"), pl.col("month"), pl.col("day")
-    leap = ((year % 4 == 0) & (year % 100 != 0)) | (year % 400 == 0)
-    month_days = (
-        pl.when(month == 2)
-        .then(pl.when(leap).then(29).otherwise(28))
-        .when(month.is_in([4, 6, 9, 11]))
-        .then(30)
-        .otherwise(31)
-    )
-    return (
-        (day > month_days)
-        | (pl.col("sched_dep_time") % 100 > 59)
-        | (pl.col("sched_arr_time") % 100 > 59)
-    ).fill_null(False)
-
-
 _CALENDAR = ("year", "month", "day", "sched_dep_time", "sched_arr_time")
 
 
+def impossible_calendar(year: Any, month: Any, day: Any, dep: Any, arr: Any) -> np.ndarray:
+    """True where the date or a clock time does not exist (FlightRecord's two validators:
+    Feb 30, 12:75), for records whose values are otherwise in range."""
+    year, month, day, dep, arr = (np.asarray(v, dtype=np.int64) for v in (year, month, day, dep,
+                                                                            arr))  # fmt: skip
+    first = np.datetime64("1970-01", "M") + ((year - 1970) * 12 + month - 1)
+    month_days = (first + 1).astype("datetime64[D]") - first.astype("datetime64[D]")
+    return (day > month_days.astype(np.int64)) | (dep % 100 > 59) | (arr % 100 > 59)
+
+
 def impossible_calendar_rows(bookings: Bookings) -> list[int]:
-    """Rows of in-range records whose date or clock time does not exist (Feb 30, 12:75)."""
-    frame = pl.DataFrame({c: bookings.columns[c] for c in _CALENDAR}, schema=dict.fromkeys(
-        _CALENDAR, pl.Int64))  # fmt: skip
-    return frame.select(_bad_calendar().arg_true()).to_series().to_list()
+    """Rows of in-range records whose date or clock time does not exist."""
+    return np.flatnonzero(impossible_calendar(*(bookings.columns[c] for c in _CALENDAR))).tolist()
 
 
 @functools.lru_cache(maxsize=64)
 def _screen(columns: tuple[str, ...]) -> pl.Expr:
-    """Row numbers whose values break any rule, for a body with these columns."""
-    broken = [RULES[c].broken(pl.col(c)) for c in columns]
-    return pl.any_horizontal([*broken, _bad_calendar()]).arg_true()
+    """True on rows whose values break a field's type, range or pattern rule."""
+    return pl.any_horizontal([RULES[c].broken(pl.col(c)) for c in columns])
 
 
 def _error(loc: Sequence[str | int], type_: str, msg: str) -> dict[str, Any]:
@@ -244,8 +233,14 @@ def validate_frame(
     frame = frame.with_columns(
         pl.col(c).cast(INPUT_SCHEMA[c]) for c, t in frame.schema.items() if t == pl.Null
     )
-    flagged = frame.select(_screen(tuple(frame.columns))).to_series().to_list()
-    for row in flagged:
+    checked = frame.select(
+        _screen(tuple(frame.columns)).alias("broken"),
+        *(pl.col(c).cast(pl.Int64, strict=False).fill_null(1) for c in _CALENDAR),
+    )  # out-of-range values are flagged by the screen already: any stand-in will do
+    flagged = checked.get_column("broken").to_numpy() | impossible_calendar(
+        *(checked.get_column(c).to_numpy() for c in _CALENDAR)
+    )
+    for row in np.flatnonzero(flagged).tolist():
         record = frame.row(row, named=True)
         try:
             FlightRecord.model_validate(record, strict=True)
