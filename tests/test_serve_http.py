@@ -195,6 +195,17 @@ def test_fast_path_inputs_are_the_training_matrix(
     )
 
 
+def nudged(real: Any) -> Any:
+    """``real`` off by one ulp on row 3: a difference any verification must catch."""
+
+    def matrix(self: Any, bookings: Bookings) -> np.ndarray:
+        x = real(self, bookings)
+        x[3] = np.nextafter(x[3], np.inf)
+        return x
+
+    return matrix
+
+
 def test_fast_path_that_differs_or_does_not_know_the_features_is_not_used(
     tables: dict[str, pl.DataFrame], trained: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -203,14 +214,15 @@ def test_fast_path_that_differs_or_does_not_know_the_features_is_not_used(
     expected = Predictor.from_stored(
         stored, tables["planes"], tables["weather"], fast_path=False
     ).probabilities(records)
-    real_matrix = fastpath.FastMatrix.matrix
-    monkeypatch.setattr(
-        fastpath.FastMatrix, "matrix", lambda self, recs: real_matrix(self, recs) + 1e-9
-    )
-    skewed = Predictor.from_stored(stored, tables["planes"], tables["weather"])
-    assert skewed.fast_path_status.startswith("off: differs from the feature function")
-    assert skewed.probabilities(records).tolist() == expected.tolist()
-    monkeypatch.undo()
+    for way, method in (("rows", "rows_matrix"), ("columns", "columns_matrix")):
+        monkeypatch.setattr(
+            fastpath.FastMatrix, method, nudged(getattr(fastpath.FastMatrix, method))
+        )
+        skewed = Predictor.from_stored(stored, tables["planes"], tables["weather"])
+        assert skewed.fast_path_status.startswith(f"off: its {way} path differs"), way
+        assert "row(s) [3]" in skewed.fast_path_status
+        assert skewed.probabilities(records).tolist() == expected.tolist()
+        monkeypatch.undo()
     monkeypatch.setattr(fastpath, "KNOWN_FEATURES", ("dep_hour",))
     unknown = Predictor.from_stored(stored, tables["planes"], tables["weather"])
     assert unknown.fast_path_status.startswith("off: the feature list changed")

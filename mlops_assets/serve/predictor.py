@@ -159,10 +159,18 @@ class Predictor:
             return None, f"off: {why}"
         sample = sample_records(self.weather, self.planes)
         expected = self._polars_matrix(sample)
-        got = fast.matrix(sample)
-        if got.shape != expected.shape or not np.array_equal(got, expected, equal_nan=True):
-            rows = np.flatnonzero(~((got == expected) | (np.isnan(got) & np.isnan(expected))))
-            return None, f"off: differs from the feature function on sample row(s) {rows[:5]}"
+        bookings = Bookings.from_records(sample)
+        # Both of its ways (record by record, vectorized) and the dispatch between them.
+        for way, got in (("rows", fast.rows_matrix(bookings)),
+                         ("columns", fast.columns_matrix(bookings)),
+                         ("dispatch", fast.matrix(sample))):  # fmt: skip
+            if got.shape != expected.shape or not np.array_equal(got, expected, equal_nan=True):
+                same = (got == expected) | (np.isnan(got) & np.isnan(expected))
+                rows = np.flatnonzero(~same.all(axis=1)) if got.shape == expected.shape else []
+                return None, (
+                    f"off: its {way} path differs from the feature function on sample "
+                    f"row(s) {rows[:5]}"
+                )
         return fast, f"on, verified on {len(sample)} records"
 
     # -- construction ---------------------------------------------------------------------
