@@ -49,7 +49,6 @@ from mlops_assets.features.splits import assign_splits, split_months
 from mlops_assets.features.transform import FEATURE_NAMES, LABEL, build_features
 from mlops_assets.train import model as model_module
 from mlops_assets.train.model import (
-    BASE_PARAMS,
     Matrix,
     SearchResult,
     SearchSettings,
@@ -189,16 +188,7 @@ def fit_early_stopped(
     params = {k: v for k, v in params.items() if k in TUNED}
     train_set = model_module.dataset(train)
     valid_set = model_module.dataset(valid, reference=train_set)
-    full = {**BASE_PARAMS, **params, "seed": settings.seed, "num_threads": settings.num_threads}
-    booster = lgb.train(
-        full,
-        train_set,
-        num_boost_round=settings.max_rounds,
-        valid_sets=[valid_set],
-        valid_names=["valid"],
-        callbacks=[lgb.early_stopping(settings.early_stopping_rounds, first_metric_only=True,
-                                      verbose=False)],
-    )  # fmt: skip
+    booster = model_module.train_early_stopped(params, train_set, valid_set, settings)
     rounds = max(1, int(booster.best_iteration))
     valid_auc = float(booster.best_score["valid"]["auc"])
     booster = fit(params, train, rounds, seed=settings.seed, num_threads=settings.num_threads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,29 @@ def fit(
     return lgb.train(full, dataset(train), num_boost_round=rounds)
 
 
+def train_early_stopped(
+    params: dict[str, Any],
+    train_set: lgb.Dataset,
+    valid_set: lgb.Dataset,
+    settings: SearchSettings,
+    callbacks: Sequence[Callable[..., Any]] = (),
+) -> lgb.Booster:
+    """Train with ``params`` until the validation AUC stops improving (one search trial)."""
+    full = {**BASE_PARAMS, **params, "seed": settings.seed, "num_threads": settings.num_threads}
+    return lgb.train(
+        full,
+        train_set,
+        num_boost_round=settings.max_rounds,
+        valid_sets=[valid_set],
+        valid_names=["valid"],
+        callbacks=[
+            lgb.early_stopping(settings.early_stopping_rounds, first_metric_only=True,
+                               verbose=False),
+            *callbacks,
+        ],
+    )  # fmt: skip
+
+
 def search(train: Matrix, valid: Matrix, settings: SearchSettings) -> SearchResult:
     """Optuna TPE search with pruning and early stopping on the validation split, then a final
     deterministic refit of the best parameters for the best number of rounds."""
@@ -101,20 +125,8 @@ def search(train: Matrix, valid: Matrix, settings: SearchSettings) -> SearchResu
     valid_set = dataset(valid, reference=train_set)
 
     def objective(trial: optuna.Trial) -> float:
-        params = {**BASE_PARAMS, **_suggest(trial), "seed": settings.seed,
-                  "num_threads": settings.num_threads}  # fmt: skip
-        booster = lgb.train(
-            params,
-            train_set,
-            num_boost_round=settings.max_rounds,
-            valid_sets=[valid_set],
-            valid_names=["valid"],
-            callbacks=[
-                lgb.early_stopping(settings.early_stopping_rounds, first_metric_only=True,
-                                   verbose=False),
-                LightGBMPruningCallback(trial, "auc", valid_name="valid"),
-            ],
-        )  # fmt: skip
+        pruning = LightGBMPruningCallback(trial, "auc", valid_name="valid")
+        booster = train_early_stopped(_suggest(trial), train_set, valid_set, settings, [pruning])
         trial.set_user_attr("best_iteration", booster.best_iteration)
         return float(booster.best_score["valid"]["auc"])
 
