@@ -665,6 +665,8 @@ def main_batch(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    from resources.ray import RayResource
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--home", default=str(REPO / ".mlops" / "bench" / "serving"))
     parser.add_argument("--repeats", type=int, default=3)
@@ -680,8 +682,10 @@ def main() -> None:
     parser.add_argument("--json", default="")
     parser.add_argument(
         "--throughput-optimized",
-        action="store_true",
-        help="start the Ray heads with RAY_SERVE_THROUGHPUT_OPTIMIZED (RayResource flag)",
+        action=argparse.BooleanOptionalAction,
+        default=RayResource.model_fields["throughput_optimized"].default,
+        help="start the Ray heads with RAY_SERVE_THROUGHPUT_OPTIMIZED (RayResource flag; "
+        "on by default like the resource)",
     )
     parser.add_argument(
         "--batch",

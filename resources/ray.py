@@ -43,8 +43,10 @@ class RayResource(dg.ConfigurableResource):
         default=30000, description="first port handed to a direct-ingress replica"
     )
 
+    # On by default since session 12: +40-65 % req/s at 32 clients on direct ingress in an
+    # alternating A/B (benchmarks/README.md, bench_serving), lower p50 at one client.
     throughput_optimized: bool = Field(
-        default=False,
+        default=True,
         description="local head only: Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED bundle (user "
         "code on the replica's event loop, gRPC between proxy and replica, buffered request "
         "logs, no log copies to stderr, GC frozen after start)",
