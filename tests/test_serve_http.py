@@ -23,6 +23,7 @@ import polars as pl
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
 from realdata import valid_table
 
 from mlops_assets.features.preprocess import Preprocessor
@@ -36,7 +37,13 @@ from mlops_assets.features.transform import (
 )
 from mlops_assets.serve import fastpath
 from mlops_assets.serve.app import build_app
-from mlops_assets.serve.columnar import ARROW_MEDIA_TYPE, INPUT_SCHEMA, Bookings, to_arrow
+from mlops_assets.serve.columnar import (
+    ARROW_MEDIA_TYPE,
+    INPUT_SCHEMA,
+    RULES,
+    Bookings,
+    to_arrow,
+)
 from mlops_assets.serve.predictor import Predictor, PredictorError, time_predict
 from mlops_assets.serve.predlog import PredictionLog, read_prediction_log
 from mlops_assets.serve.schema import FlightRecord, parsing_request_model, predict_request_model
@@ -460,6 +467,11 @@ def arrow(records: list[dict[str, Any]] | pl.DataFrame) -> bytes:
         pytest.param([{**GOOD, "origin": "jfk"}], id="origin-lower-case"),
         pytest.param([{**GOOD, "dest": "TOOLONG"}], id="dest-too-long"),
         pytest.param([{**GOOD, "tailnum": "n1"}], id="tailnum-lower-case"),
+        pytest.param([{**GOOD, "tailnum": "N12\n"}], id="tailnum-trailing-newline"),
+        pytest.param([{**GOOD, "tailnum": ""}], id="tailnum-empty"),
+        pytest.param([{**GOOD, "carrier": "U"}], id="carrier-too-short"),
+        pytest.param([GOOD, {**GOOD, "origin": None}], id="origin-null"),
+        pytest.param([GOOD, GOOD, {**GOOD, "dest": "ÅRH"}], id="dest-non-ascii-third"),
         pytest.param([{**GOOD, "distance": 0.0}], id="distance-zero"),
         pytest.param([{**GOOD, "distance": float("nan")}], id="distance-nan"),
         pytest.param([{**GOOD, "temp": float("inf")}], id="temp-infinity"),
@@ -478,6 +490,25 @@ def test_arrow_bodies_get_the_json_bodies_errors(
     as_arrow = client.post("/predict", content=arrow(flights), headers=ARROW)
     assert as_json.status_code == as_arrow.status_code == 422, as_arrow.text
     assert as_arrow.json()["detail"] == as_json.json()["detail"]
+
+
+def test_the_arrow_screen_flags_exactly_what_flight_record_refuses() -> None:
+    """The byte-level pattern check agrees with pydantic on every string, in any slice."""
+    strings = [
+        "AB", None, "N123", "n12", "A", "ABCDEFGH", "AB\n", "\nAB", "ÄB", "", "ZZ9", "A B", "AB7",
+        "N12345", "N123456", "N1234567", "JFK", "ORD1", "ORD12", "ÅR",
+    ]  # fmt: skip
+    for field in ("carrier", "tailnum", "origin", "dest"):
+        column = pl.Series(field, strings, dtype=pl.String)
+        expected = []
+        for value in strings:
+            try:
+                FlightRecord.model_validate({**GOOD, field: value}, strict=True)
+                expected.append(False)
+            except ValidationError:
+                expected.append(True)
+        assert RULES[field].broken(column).tolist() == expected, field
+        assert RULES[field].broken(column.slice(3, 9)).tolist() == expected[3:12], field
 
 
 @pytest.mark.parametrize(

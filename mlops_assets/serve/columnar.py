@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import io
 import operator
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ from typing import Any
 import annotated_types
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import ValidationError
 
 from mlops_assets.features.transform import BOOKING_COLUMNS, WEATHER_FIELDS
@@ -118,21 +121,81 @@ class ColumnRule:
     le: float | None = None
     pattern: str | None = None
 
-    def broken(self, column: pl.Expr) -> pl.Expr:
-        """True on rows whose value the field refuses (a null in an optional field is fine)."""
-        checks: list[pl.Expr] = []
-        if self.kind is float:
-            checks.append(~column.is_finite())
-        if self.ge is not None:
-            checks.append(column < self.ge)
-        if self.gt is not None:
-            checks.append(column <= self.gt)
-        if self.le is not None:
-            checks.append(column > self.le)
+    def broken(self, column: pl.Series) -> np.ndarray:
+        """True on rows whose value the field refuses (a null in an optional field is fine).
+
+        numpy for numbers, Arrow compute (RE2, anchored like pydantic's Rust regex) for
+        patterns: a polars expression per column costs ~0.2-0.5 ms of fixed overhead here, ten
+        times the work on 1,000 rows.
+        """
+        arrow = column.to_arrow()  # polars' own Series methods cost a query's overhead each
+        nulls = arrow.is_null().to_numpy(zero_copy_only=False) if arrow.null_count else None
         if self.pattern is not None:
-            checks.append(~column.str.contains(self.pattern))
-        broken = pl.any_horizontal(checks).fill_null(False) if checks else pl.lit(False)
-        return broken | column.is_null() if self.required else broken
+            strings = arrow
+            charset = _Charset.parse(self.pattern)
+            if charset is not None and isinstance(strings, pa.LargeStringArray):
+                broken = charset.broken(strings)
+            else:
+                matched = pc.match_substring_regex(strings, self.pattern)
+                broken = pc.fill_null(pc.invert(matched), False).to_numpy(zero_copy_only=False)
+            if nulls is not None:
+                broken &= ~nulls
+        else:
+            values = column.to_numpy()  # nulls: NaN (a float array), compared False below
+            with np.errstate(invalid="ignore"):
+                broken = np.zeros(len(values), dtype=bool)
+                if self.kind is float and values.dtype.kind == "f":
+                    broken |= ~np.isfinite(values) if nulls is None else ~(
+                        np.isfinite(values) | nulls)  # fmt: skip
+                if self.ge is not None:
+                    broken |= values < self.ge
+                if self.gt is not None:
+                    broken |= values <= self.gt
+                if self.le is not None:
+                    broken |= values > self.le
+        if self.required and nulls is not None:
+            broken |= nulls
+        return broken
+
+
+_CLASS_PATTERN = re.compile(
+    r"\^\[((?:[A-Za-z0-9]-[A-Za-z0-9]|[A-Za-z0-9_])+)\]\{(\d+)(?:,(\d+))?\}\$"
+)
+
+
+@dataclass(frozen=True)
+class _Charset:
+    """A pattern ``^[class]{m,n}$`` checked on an Arrow string buffer with numpy (~20 us for
+    1,000 strings; a regex engine takes 0.1-0.3 ms on this machine)."""
+
+    allowed: np.ndarray  # 256 bools, by byte
+    shortest: int
+    longest: int
+
+    @staticmethod
+    @functools.cache
+    def parse(pattern: str) -> _Charset | None:
+        found = _CLASS_PATTERN.fullmatch(pattern)
+        if found is None:
+            return None
+        allowed = np.zeros(256, dtype=bool)
+        for low, _, high in re.findall(r"(\w)(-(\w))?", found[1]):
+            allowed[ord(low) : ord(high or low) + 1] = True
+        shortest = int(found[2])
+        return _Charset(allowed, shortest, int(found[3] or shortest))
+
+    def broken(self, strings: pa.LargeStringArray) -> np.ndarray:
+        """True for each string outside the pattern (nulls too: the caller decides on them)."""
+        _, offsets_buffer, data = strings.buffers()
+        start = strings.offset
+        offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[start : start + len(strings) + 1]
+        lengths = np.diff(offsets)
+        broken = (lengths < self.shortest) | (lengths > self.longest)
+        if data is not None and offsets[-1] > offsets[0]:
+            raw = np.frombuffer(data, dtype=np.uint8)[offsets[0] : offsets[-1]]
+            outside = np.flatnonzero(~self.allowed[raw]) + offsets[0]  # UTF-8 beyond ASCII too
+            broken[np.searchsorted(offsets, outside, side="right") - 1] = True
+        return broken
 
 
 def _rules() -> dict[str, ColumnRule]:
@@ -189,12 +252,6 @@ def impossible_calendar_rows(bookings: Bookings) -> list[int]:
     return np.flatnonzero(impossible_calendar(*(bookings.columns[c] for c in _CALENDAR))).tolist()
 
 
-@functools.lru_cache(maxsize=64)
-def _screen(columns: tuple[str, ...]) -> pl.Expr:
-    """True on rows whose values break a field's type, range or pattern rule."""
-    return pl.any_horizontal([RULES[c].broken(pl.col(c)) for c in columns])
-
-
 def _error(loc: Sequence[str | int], type_: str, msg: str) -> dict[str, Any]:
     return {"type": type_, "loc": ("flights", *loc), "msg": msg}
 
@@ -213,33 +270,37 @@ def validate_frame(
     if frame.height > max_records:
         return None, [_error((), "too_long", f"List should have at most {max_records} items "
                                             f"after validation, not {frame.height}")]  # fmt: skip
+    schema = frame.schema  # built anew on every access: read it once
     errors = [
         _error((name,), "extra_forbidden", "Extra inputs are not permitted")
-        for name in frame.columns
+        for name in schema
         if name not in RULES
     ]
     for rule in RULES.values():
-        if rule.name not in frame.columns:
+        if rule.name not in schema:
             if rule.required:
                 errors.append(_error((rule.name,), "missing", "Field required"))
             continue
-        dtype = frame.schema[rule.name]
+        dtype = schema[rule.name]
         problem = None if dtype == pl.Null else _column_type_error(rule, dtype)
         if problem is not None:
             errors.append(_error((rule.name,), f"{rule.kind.__name__}_type", problem))
     if errors:
         return None, errors
-    # A column of nulls only has no type of its own: it takes the field's.
-    frame = frame.with_columns(
-        pl.col(c).cast(INPUT_SCHEMA[c]) for c, t in frame.schema.items() if t == pl.Null
-    )
-    checked = frame.select(
-        _screen(tuple(frame.columns)).alias("broken"),
-        *(pl.col(c).cast(pl.Int64, strict=False).fill_null(1) for c in _CALENDAR),
-    )  # out-of-range values are flagged by the screen already: any stand-in will do
-    flagged = checked.get_column("broken").to_numpy() | impossible_calendar(
-        *(checked.get_column(c).to_numpy() for c in _CALENDAR)
-    )
+    untyped = [c for c, t in schema.items() if t == pl.Null]
+    if untyped:  # a column of nulls only has no type of its own: it takes the field's
+        frame = frame.with_columns(pl.col(c).cast(INPUT_SCHEMA[c]) for c in untyped)
+    series = {c: frame.get_column(c) for c in schema}
+    flagged = np.zeros(frame.height, dtype=bool)
+    for name, column in series.items():
+        flagged |= RULES[name].broken(column)
+    # Values out of range are flagged already; clipped stand-ins keep the calendar arithmetic
+    # of the other rows in bounds.
+    calendar = [
+        np.clip(np.nan_to_num(series[c].to_numpy(), nan=1), RULES[c].ge, RULES[c].le)
+        for c in _CALENDAR
+    ]
+    flagged |= impossible_calendar(*calendar)
     for row in np.flatnonzero(flagged).tolist():
         record = frame.row(row, named=True)
         try:
@@ -253,14 +314,13 @@ def validate_frame(
         return None, errors
     columns: dict[str, Sequence[Any] | np.ndarray] = {}
     for c in INPUT_SCHEMA:
-        if c not in frame.columns:
+        if c not in series:
             columns[c] = [None] * frame.height  # as a JSON body without the field
         elif c in STRING_COLUMNS:
-            columns[c] = frame.get_column(c).to_list()
-        elif c in INT_COLUMNS:
-            columns[c] = frame.get_column(c).cast(pl.Int64).to_numpy()
-        else:
-            columns[c] = frame.get_column(c).cast(pl.Float64).to_numpy()  # null -> NaN
+            columns[c] = series[c].to_list()
+        else:  # numpy casts: a polars cast costs a query's overhead (nulls are NaN already)
+            dtype = np.int64 if c in INT_COLUMNS else np.float64
+            columns[c] = series[c].to_numpy().astype(dtype, copy=False)
     return Bookings(columns, frame.height), []
 
 
