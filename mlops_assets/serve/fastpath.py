@@ -21,6 +21,7 @@ It is a second implementation of the same definitions, so it is never trusted bl
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -46,6 +47,7 @@ KNOWN_FEATURES = (
     "distance", *WEATHER_FIELDS, "plane_age", "seats", "engines", "carrier", "origin", "dest",
 )  # fmt: skip
 _NAN = math.nan
+_NO_PLANE = (None, _NAN, _NAN)  # a tail the planes table does not know
 _LOCAL = ZoneInfo(ORIGIN_TIME_ZONE)
 _UTC = dt.UTC
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=_UTC)
@@ -207,16 +209,16 @@ class FastMatrix:
                 sent = ~np.isnan(values)
                 x[sent, 6 + k] = values[sent]
         plane_at = 6 + len(WEATHER_FIELDS)
-        planes = self.planes
-        missing = (None, _NAN, _NAN)
-        found = [planes.get(t, missing) for t in columns["tailnum"]]
-        built = np.array([f[0] for f in found], dtype=np.float64)  # None becomes NaN
-        x[:, plane_at] = year - built
-        x[:, plane_at + 1] = [f[1] for f in found]
-        x[:, plane_at + 2] = [f[2] for f in found]
+        # map(dict.get, ...) runs the lookups in C: ~3x faster than a comprehension.
+        tails = columns["tailnum"]
+        found = np.array(list(map(self.planes.get, tails, itertools.repeat(_NO_PLANE, n))),
+                         dtype=np.float64)  # fmt: skip
+        x[:, plane_at] = year - found[:, 0]  # no build year: NaN
+        x[:, plane_at + 1 : plane_at + 3] = found[:, 1:]
         for k, c in enumerate(CATEGORICAL_FEATURES):
-            codes = self.codes[c]
-            x[:, plane_at + 3 + k] = [codes.get(v, _NAN) for v in columns[c]]
+            x[:, plane_at + 3 + k] = np.fromiter(
+                map(self.codes[c].get, columns[c], itertools.repeat(_NAN, n)), np.float64, n
+            )
         return x
 
     def _weather_rows(
@@ -228,7 +230,8 @@ class FastMatrix:
         hour: np.ndarray,
     ) -> np.ndarray:
         """Origin weather at each record's scheduled local hour (NaN where none is recorded)."""
-        out = np.full((len(origins), len(WEATHER_FIELDS)), _NAN)
+        n = len(origins)
+        out = np.full((n, len(WEATHER_FIELDS)), _NAN)
         packed = ((year * 100 + month) * 100 + day) * 100 + hour
         keys, inverse = np.unique(packed, return_inverse=True)
         instants = np.array(
@@ -240,9 +243,9 @@ class FastMatrix:
             dtype=np.int64,
         )[inverse.reshape(-1)]  # fmt: skip
         index = self.weather_origin_index
-        origin_at = np.array([index.get(o, -1) for o in origins], dtype=np.int64)
+        origin_at = np.fromiter(map(index.get, origins, itertools.repeat(-1)), np.int64, n)
         known = instants != _NO_INSTANT
-        for origin in {o for o in origins if o in index}:  # only the origins present
+        for origin in index.keys() & set(origins):  # only the origins present
             rows = np.flatnonzero((origin_at == index[origin]) & known)
             if rows.size == 0:
                 continue
