@@ -86,10 +86,17 @@ def default_temp_dir(folder: str | Path) -> Path:
     return Path("/tmp") / f"mlops-ray-{os.getuid()}-{digest}"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: every socket stays bound until all are picked (one at a
+    time, the kernel can hand the same port out twice, and Ray refuses to start with a port
+    shared by two of its components)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def _reap(pid: int) -> None:
@@ -198,18 +205,14 @@ def _spawn_head(
     extra_env: Mapping[str, str] | None,
 ) -> LocalRay:
     """One ``ray start --head`` attempt: recorded, then waited for; cleaned up if it fails."""
-    gcs_port = _free_port()
-    ports = {
-        "--port": gcs_port,
-        "--ray-client-server-port": _free_port(),
-        "--dashboard-agent-listen-port": _free_port(),
-        "--dashboard-agent-grpc-port": _free_port(),
-        "--runtime-env-agent-port": _free_port(),
-        "--metrics-export-port": _free_port(),
-        "--node-manager-port": _free_port(),
-        "--object-manager-port": _free_port(),
-        "--dashboard-port": _free_port(),  # a headless API server starts even without the UI
-    }
+    flags = [
+        "--port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+        "--node-manager-port", "--object-manager-port",
+        "--dashboard-port",  # a headless API server starts even without the UI
+    ]  # fmt: skip
+    ports = dict(zip(flags, _free_ports(len(flags)), strict=True))
+    gcs_port = ports["--port"]
     command = [
         _ray_cli(),
         "start",
