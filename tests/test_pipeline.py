@@ -210,7 +210,8 @@ def test_two_runs_on_different_partitions_at_once_never_fight_for_a_lock(
         land_month(month, mlops_home / "landing")
     resources = default_resources()
     warehouse = resources["warehouse"]
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
+    pool = multiprocessing.get_context("spawn").Pool(2)
+    try:
         # A reader keeps a DuckDB connection open over the warehouse while the writers run.
         pending = pool.starmap_async(
             _materialize_in_process,
@@ -221,6 +222,11 @@ def test_two_runs_on_different_partitions_at_once_never_fight_for_a_lock(
                 con.execute("SELECT 1").fetchone()
             pending.wait(0.2)
         assert pending.get() == [True] * 4
+    finally:
+        # Let the workers exit on their own: the `with` form's terminate() sends SIGTERM, and
+        # a worker that ran Dagster can sit on it, which hung this test once in CI (join, 600 s).
+        pool.close()
+        pool.join()
     assert warehouse.partitions("flights") == months
     with warehouse.connect() as con:
         per_month = con.execute(
