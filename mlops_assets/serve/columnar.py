@@ -131,12 +131,11 @@ class ColumnRule:
         arrow = column.to_arrow()  # polars' own Series methods cost a query's overhead each
         nulls = arrow.is_null().to_numpy(zero_copy_only=False) if arrow.null_count else None
         if self.pattern is not None:
-            strings = arrow
             charset = _Charset.parse(self.pattern)
-            if charset is not None and isinstance(strings, pa.LargeStringArray):
-                broken = charset.broken(strings)
+            if charset is not None and isinstance(arrow, pa.LargeStringArray):
+                broken = charset.broken(arrow)
             else:
-                matched = pc.match_substring_regex(strings, self.pattern)
+                matched = pc.match_substring_regex(arrow, self.pattern)
                 broken = pc.fill_null(pc.invert(matched), False).to_numpy(zero_copy_only=False)
             if nulls is not None:
                 broken &= ~nulls
@@ -165,8 +164,8 @@ _CLASS_PATTERN = re.compile(
 
 @dataclass(frozen=True)
 class _Charset:
-    """A pattern ``^[class]{m,n}$`` checked on an Arrow string buffer with numpy (~20 us for
-    1,000 strings; a regex engine takes 0.1-0.3 ms on this machine)."""
+    """A pattern ``^[class]{m,n}$`` checked on an Arrow string buffer with numpy (~50 us for
+    1,000 tail numbers here; Arrow's RE2 took 0.06-0.15 ms, a polars ``str.contains`` 0.3 ms)."""
 
     allowed: np.ndarray  # 256 bools, by byte
     shortest: int
