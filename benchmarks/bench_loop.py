@@ -4,8 +4,8 @@
    ``dagster.yaml``) and Ray Serve on 127.0.0.1. Jan–Jun land and bootstrap the first champion
    (not timed). Then one month lands (``land_month``, as ``mlops land`` does) and the clock
    runs until ``GET /healthz`` answers with the new champion: landing sensor → ingest run
-   (file → validated → features → drift → performance) → retrain sensor → retrain run
-   (training set → Optuna search → evaluation and gate → promotion → in-place swap).
+   (file → validated → features → drift → performance → retrain decision, then in the same
+   run: training set → Optuna search → evaluation and gate → promotion → in-place swap).
 2. **Bare**: the state before that month is restored and the same work runs as plain function
    calls (the project's functions that the assets call; no Dagster), ending with the same
    in-place swap on the same Ray Serve app: once in a fresh process, timed from its start to
@@ -144,7 +144,7 @@ def _rejected(registry, month: str) -> bool:
     decided = [d for d in registry.decisions() if d.get("month") == month]
     if not decided:
         return False
-    if decided[-1]["action"] == "no_retrain":
+    if decided[-1]["action"] == "no_retrain" and not decided[-1].get("retrain_in_run"):
         return True
     gates = [d for d in registry.decisions() if d["action"] == "gate"]
     return bool(gates) and gates[-1]["at"] > decided[-1]["at"] and not gates[-1]["passed"]

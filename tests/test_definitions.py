@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import yaml
 
 from mlops_assets.definitions import defs
 
@@ -26,7 +27,7 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "airlines": ("validate", {"raw_airlines"}),
     "eda_report": ("explore", {"flights", "weather", "planes", "airlines"}),
     "flight_features": ("features", {"flights", "weather", "planes"}),
-    "training_set": ("features", {"flight_features"}),
+    "training_set": ("features", {"flight_features", "retrain_decision"}),
     "challenger_model": ("train", {"training_set"}),
     "frozen_eval_set": ("evaluate", {"training_set"}),
     "model_evaluation": ("evaluate", {"training_set", "frozen_eval_set", "challenger_model"}),
@@ -34,12 +35,14 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "served_model": ("serve", {"champion_model"}),
     "batch_predictions": ("serve", {"flights", "weather", "planes", "champion_model"}),
     "prediction_log": ("monitor", set()),
-    "flight_drift": ("monitor", {"flight_features", "champion_model"}),
-    "champion_performance": ("monitor", {"flight_features", "champion_model"}),
+    "flight_drift": ("monitor", {"flight_features"}),
+    "champion_performance": ("monitor", {"flight_features"}),
+    "retrain_decision": ("monitor", {"flight_drift", "champion_performance"}),
     "live_traffic_drift": ("monitor", {"prediction_log", "champion_model"}),
 }
 MONTHLY = {"raw_flights", "raw_weather", "flights", "weather", "flight_features",
-           "batch_predictions", "flight_drift", "champion_performance"}  # fmt: skip
+           "batch_predictions", "flight_drift", "champion_performance",
+           "retrain_decision"}  # fmt: skip
 DAILY = {"prediction_log", "live_traffic_drift"}
 BLOCKING_CHECKS = {
     (table, "quarantine_share_below_threshold")
@@ -78,6 +81,19 @@ def test_checks_are_pinned_and_blocking() -> None:
 def test_jobs_are_pinned() -> None:
     jobs = {job.name for job in defs.resolve_all_job_defs()} - {"__ASSET_JOB"}
     assert jobs == {"rollback_job", "ingest_month", "retrain"}
+
+
+def test_a_landed_month_runs_from_file_to_served_model_in_one_lane_run() -> None:
+    ingest = defs.resolve_job_def("ingest_month")
+    retrain = defs.resolve_job_def("retrain")
+    steps = {key.to_user_string() for key in ingest.asset_layer.selected_asset_keys}
+    assert {"raw_flights", "flight_drift", "retrain_decision", "challenger_model",
+            "champion_model", "served_model"} <= steps  # fmt: skip
+    assert ingest.tags["mlops/lane"] == retrain.tags["mlops/lane"] == "model"
+    graph = defs.resolve_asset_graph()
+    assert graph.get(dg.AssetKey("retrain_decision")).is_materializable
+    limits = yaml.safe_load((ROOT / "dagster.yaml").read_text())["run_coordinator"]["config"]
+    assert {"key": "mlops/lane", "value": "model", "limit": 1} in limits["tag_concurrency_limits"]
 
 
 def test_the_loop_is_automated_by_default() -> None:

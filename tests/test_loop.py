@@ -4,10 +4,12 @@ One module-scoped scenario on a real ``dagster-daemon`` (temp DAGSTER_HOME with 
 ``dagster.yaml``: queued runs, run monitoring), real files, the real data, and Ray Serve on
 127.0.0.1:
 
-1. land Jan–Jun: six ingest runs, then one bootstrap retrain that trains, gates, promotes and
-   serves the first champion;
+1. land Jan–Jun: six ingest runs, one at a time (the model lane); the first five hold their
+   retrain for the run queued behind them, and the June run itself trains, gates, promotes and
+   serves the first champion: one retrain, no ``retrain`` job run;
 2. land Jul: one ingest run, drift and performance measured against the champion, one retrain
-   decision; when it retrains, one retrain run whose gate decides the served version;
+   decision; when it retrains, it does so in the same run, whose gate decides the served
+   version;
 3. land the identical Jul file again: no new run;
 4. ``kill -9`` the daemon, land Aug while it is down, restart it: exactly one Aug ingest run
    and at most one retrain for it.
@@ -91,6 +93,16 @@ class Loop:
         entries = self.registry.decisions()
         return [d for d in entries if action is None or d["action"] == action]
 
+    def retrains(self) -> int:
+        """Challengers trained so far (by ingest runs and ``retrain`` runs alike)."""
+        return len(self.instance.fetch_materializations(
+            dg.AssetKey("challenger_model"), limit=100).records)  # fmt: skip
+
+    def quiet(self) -> bool:
+        return self.finished(self.runs("ingest_month")) and all(
+            r.is_finished for r in self.runs("retrain")
+        )
+
     def served_version(self) -> str | None:
         response = httpx.get(f"{self.endpoint}/healthz", timeout=10)
         return response.json().get("model_version")
@@ -145,18 +157,30 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
 def test_first_months_bootstrap_the_first_champion_with_no_clicks(loop: Loop) -> None:
     for month in FIRST:
         land_month(month, loop.home / "landing")
-    loop.wait("six ingest runs", lambda: loop.finished(loop.runs("ingest_month"))
-              and len(loop.runs("ingest_month")) == 6)  # fmt: skip
-    loop.wait("the bootstrap retrain", lambda: loop.finished(loop.runs("retrain")))
+    loop.wait("six ingest runs and the bootstrap retrain", lambda: len(
+        loop.runs("ingest_month")) == 6 and loop.quiet())  # fmt: skip
     ingests = loop.runs("ingest_month")
     assert sorted(r.tags["dagster/partition"] for r in ingests) == FIRST
-    assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in ingests)
-    (retrain,) = loop.runs("retrain")
-    assert retrain.status == dg.DagsterRunStatus.SUCCESS, (loop.home / "daemon.log").read_text()
+    log = (loop.home / "daemon.log").read_text()[-4000:]
+    assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in ingests), log
+    # The lane ran them one at a time: every month but the last held its retrain for the run
+    # queued behind it, and the last run retrained in-run, covering them all.
+    decisions = loop.decisions("retrain")
+    assert sorted(d["month"] for d in decisions) == FIRST
+    assert all("no champion yet" in d["reason"] for d in decisions)
+    (in_run,) = [d for d in decisions if d["retrain_in_run"]]
+    assert in_run["month"] == FIRST[-1] and in_run["covers"] == FIRST
+    assert all("is queued" in d["held"] for d in decisions if d is not in_run)
+    starts = sorted(r.start_time for r in loop.instance.get_run_records(
+        dg.RunsFilter(job_name="ingest_month")))  # fmt: skip
+    ends = sorted(r.end_time for r in loop.instance.get_run_records(
+        dg.RunsFilter(job_name="ingest_month")))  # fmt: skip
+    assert all(end <= start for end, start in zip(ends, starts[1:], strict=False))
+    time.sleep(12)  # two retrain-sensor ticks: the held months are covered, nothing starts
+    assert loop.retrains() == 1 and loop.runs("retrain") == []
     champion = loop.registry.champion()
     assert champion is not None
     assert loop.served_version() == champion
-    assert all("no champion yet" in d["reason"] for d in loop.decisions("retrain"))
 
 
 def test_a_landed_month_is_monitored_and_decided_once(loop: Loop) -> None:
@@ -164,8 +188,6 @@ def test_a_landed_month_is_monitored_and_decided_once(loop: Loop) -> None:
     land_month("2013-07", loop.home / "landing")
     loop.wait("the July ingest run", lambda: loop.finished(loop.runs("ingest_month",
               **{"dagster/partition": "2013-07"})))  # fmt: skip
-    loop.wait("the July decision",
-              lambda: any(d.get("month") == "2013-07" for d in loop.decisions()))  # fmt: skip
     (decision,) = [d for d in loop.decisions() if d.get("month") == "2013-07"]
     drift = loop.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("flight_drift"), asset_partitions=["2013-07"]),
@@ -175,15 +197,17 @@ def test_a_landed_month_is_monitored_and_decided_once(loop: Loop) -> None:
     assert metadata["champion_version"].value == before
     assert 0.0 <= metadata["weighted_drift_share"].value <= 1.0
     assert Path(metadata["report"].value).is_file()
+    # Nothing else was in the lane and the test's cooldown is 0: a due retrain runs in-run.
+    assert decision["retrain_in_run"] == (decision["action"] == "retrain")
+    time.sleep(12)  # two retrain-sensor ticks: nothing waits, so nothing starts
+    assert loop.runs("retrain") == []
     if decision["action"] == "retrain":
-        loop.wait("the July retrain", lambda: len(loop.runs("retrain")) == 2
-                  and loop.finished(loop.runs("retrain")))  # fmt: skip
+        assert loop.retrains() == 2
         gate = [d for d in loop.decisions("gate")][-1]
         after = loop.registry.champion()
         assert after == (gate["version"] if gate["passed"] else before)
     else:
-        time.sleep(15)  # three sensor ticks: nothing starts
-        assert len(loop.runs("retrain")) == 1
+        assert loop.retrains() == 1
         assert loop.registry.champion() == before
     assert loop.served_version() == loop.registry.champion()
 
@@ -195,19 +219,17 @@ def test_landing_the_same_file_twice_starts_one_run(loop: Loop) -> None:
 
 
 def test_a_daemon_killed_between_ticks_loses_and_doubles_nothing(loop: Loop) -> None:
-    retrains = len(loop.runs("retrain"))
+    retrains = loop.retrains()
     loop.kill_daemon()
     land_month("2013-08", loop.home / "landing")
     time.sleep(3)
     loop.start_daemon()
     loop.wait("the August ingest run", lambda: loop.finished(loop.runs("ingest_month",
               **{"dagster/partition": "2013-08"})))  # fmt: skip
-    loop.wait("the August decision",
-              lambda: any(d.get("month") == "2013-08" for d in loop.decisions()))  # fmt: skip
-    loop.wait("no retrain running", lambda: loop.finished(loop.runs("retrain")))
+    loop.wait("the lane quiet", loop.quiet)
     time.sleep(10)
     assert len(loop.runs("ingest_month", **{"dagster/partition": "2013-08"})) == 1
-    assert len(loop.runs("retrain")) - retrains <= 1
+    assert loop.retrains() - retrains <= 1
     assert len([d for d in loop.decisions() if d.get("month") == "2013-08"]) == 1
     assert loop.served_version() == loop.registry.champion()
     # the sensors' state after the restart: every landed file is in the landing cursor

@@ -51,7 +51,14 @@ class SplitConfig(dg.Config):
     """How many of the most recent remaining months to train on; 0 trains on all of them."""
 
 
-@dg.asset(group_name="features", kinds={"polars"}, ins={"flight_features": dg.AssetIn()})
+@dg.asset(
+    group_name="features",
+    kinds={"polars"},
+    ins={"flight_features": dg.AssetIn()},
+    # The loop's edge back into training: a landed month's run goes on from here only when
+    # its retrain decision says so (materialized); otherwise these steps are skipped.
+    deps=["retrain_decision"],
+)
 def training_set(
     context: dg.AssetExecutionContext,
     config: SplitConfig,

@@ -2,12 +2,15 @@
 
 Each landed month is compared with the *champion's* training reference (the feature partitions
 its manifest names), so "drift" always means "away from what the serving model learned on".
-The retrain sensor (``monitor/sensors.py``) reads these assets' results and decides.
+``retrain_decision`` reads their results and decides whether the month's run retrains
+(``monitor/policy.py``); the retrain sensor (``monitor/sensors.py``) starts the retrains that
+had to wait.
 """
 
 import datetime as dt
 import io
 import math
+import time
 from collections.abc import Iterator
 
 import dagster as dg
@@ -24,10 +27,12 @@ from mlops_assets.features.transform import (
     build_features,
 )
 from mlops_assets.metadata import markdown_table, png_markdown, table_metadata
+from mlops_assets.monitor import policy
 from mlops_assets.monitor.drift import DriftResult, measure_drift
 from mlops_assets.partitions import MONTHLY
 from resources.prediction_log import PredictionLogResource
 from resources.registry import ModelRegistryResource, StoredModel
+from resources.retrain_policy import RetrainPolicyResource
 from resources.warehouse import WarehouseResource
 
 DAILY = dg.DailyPartitionsDefinition(start_date="2026-01-01", end_offset=1)
@@ -145,7 +150,7 @@ def _drift_check(
     group_name="monitor",
     partitions_def=MONTHLY,
     kinds={"evidently"},
-    deps=["flight_features", "champion_model"],
+    deps=["flight_features"],
     check_specs=[
         dg.AssetCheckSpec(
             DRIFT_CHECK,
@@ -219,7 +224,7 @@ def _trend_plot(trend: pl.DataFrame) -> bytes:
     group_name="monitor",
     partitions_def=MONTHLY,
     kinds={"lightgbm"},
-    deps=["flight_features", "champion_model"],
+    deps=["flight_features"],
     check_specs=[
         dg.AssetCheckSpec(
             DECAY_CHECK,
@@ -398,4 +403,61 @@ def live_traffic_drift(
     yield _drift_check(LIVE_DRIFT_CHECK, result, config, "live_traffic_drift")
 
 
-assets = [flight_drift, champion_performance, prediction_log, live_traffic_drift]
+@dg.asset(
+    group_name="monitor",
+    partitions_def=MONTHLY,
+    deps=["flight_drift", "champion_performance"],
+    output_required=False,
+)
+def retrain_decision(
+    context: dg.AssetExecutionContext,
+    registry: ModelRegistryResource,
+    retrain_policy: RetrainPolicyResource,
+) -> Iterator[dg.MaterializeResult]:
+    """Retrain now, in this run? Materialized when the month (or a month still waiting) asks
+    for a retrain and nothing holds it: the training steps downstream go on in the same run.
+    Otherwise an observation says why not, and those steps are skipped."""
+    month = context.partition_key
+    instance = context.instance
+    verdict = policy.verdict_for(instance, month, registry, retrain_policy)
+    prior = policy.decision_of(policy.recorded_decisions(registry), context.run)
+    if prior is not None:  # a re-executed run keeps the decision its first attempt made
+        go, held, waiting = bool(prior.get("retrain_in_run")), prior.get("held"), {}
+        reason = str(prior["reason"])
+    else:
+        waiting = {m: d for m, d in policy.waiting_months(instance, registry).items() if m != month}
+        due = verdict.retrain or bool(waiting)
+        held = policy.hold(instance, registry, retrain_policy, context.run_id) if due else None
+        go = due and held is None
+        reason = verdict.reason
+        if waiting:
+            reason += f"; waiting for a retrain: {', '.join(sorted(waiting))}"
+        if held:
+            reason += f"; held: {held}"
+        registry.record_decision(
+            "retrain" if verdict.retrain else "no_retrain", registry.champion(), reason,
+            month=month, ingest_run=context.run_id, retrain_in_run=go, held=held,
+            covers=sorted({*waiting, month}) if go else [], decided_at=time.time(),
+        )  # fmt: skip
+    context.log.info(reason)
+    metadata = {
+        "decision": dg.MetadataValue.text(
+            "retrain in this run" if go else "held" if held else "no retrain"
+        ),
+        "reason": dg.MetadataValue.text(reason),
+        "champion_version": dg.MetadataValue.text(registry.champion() or "none"),
+    }
+    for name, value in (("weighted_drift_share", verdict.drift_share),
+                        ("auc_drop", verdict.auc_drop)):  # fmt: skip
+        if value is not None:
+            metadata[name] = dg.MetadataValue.float(value)
+    if not go:
+        context.log_event(
+            dg.AssetObservation(asset_key=context.asset_key, partition=month, metadata=metadata)
+        )
+        return
+    metadata["months_covered"] = dg.MetadataValue.text(", ".join(sorted({*waiting, month})))
+    yield dg.MaterializeResult(metadata=metadata)
+
+
+assets = [flight_drift, champion_performance, retrain_decision, prediction_log, live_traffic_drift]
