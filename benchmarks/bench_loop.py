@@ -113,8 +113,9 @@ def orchestrated(home: Path, month: str, endpoint: str) -> dict[str, float | str
             "timeline": steps}  # fmt: skip
 
 
-TIMELINE_EVENTS = ("RUN_ENQUEUED", "RUN_STARTING", "RUN_START", "STEP_START", "STEP_SUCCESS",
-                   "RUN_SUCCESS", "RUN_FAILURE")  # fmt: skip
+TIMELINE_EVENTS = ("PIPELINE_ENQUEUED", "PIPELINE_STARTING", "PIPELINE_START", "ENGINE_EVENT",
+                   "RESOURCE_INIT_STARTED", "RESOURCE_INIT_SUCCESS", "STEP_START", "STEP_SUCCESS",
+                   "STEP_SKIPPED", "PIPELINE_SUCCESS", "PIPELINE_FAILURE")  # fmt: skip
 
 
 def timeline(instance: Any, since: float) -> list[tuple[float, str]]:
@@ -132,9 +133,11 @@ def timeline(instance: Any, since: float) -> list[tuple[float, str]]:
             event = entry.dagster_event
             if event is None or event.event_type_value not in TIMELINE_EVENTS:
                 continue
-            what = event.event_type_value.lower()
+            what = event.event_type_value.lower().replace("pipeline_", "run_")
             if event.step_key:
                 what = f"{event.step_key} {what.removeprefix('step_')}"
+            if event.event_type_value == "ENGINE_EVENT":
+                what = f"engine: {(entry.user_message or '')[:60]}"
             marks.append((entry.timestamp - since, f"{run.job_name}: {what}"))
     return sorted(marks)
 

@@ -427,7 +427,12 @@ def retrain_decision(
     else:
         waiting = {m: d for m, d in policy.waiting_months(instance, registry).items() if m != month}
         due = verdict.retrain or bool(waiting)
-        held = policy.hold(instance, registry, retrain_policy, context.run_id) if due else None
+        planned = context.run.asset_selection or context.job_def.asset_layer.selected_asset_keys
+        held = None
+        if due and dg.AssetKey("training_set") not in planned:
+            held = "this run does not include the training steps; the retrain sensor will"
+        elif due:
+            held = policy.hold(instance, registry, retrain_policy, context.run_id)
         go = due and held is None
         reason = verdict.reason
         if waiting:
