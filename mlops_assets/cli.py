@@ -213,11 +213,13 @@ CURL_EXAMPLE = """curl -s {endpoint}/predict -H 'content-type: application/json'
 
 
 class _Progress:
-    """Prints what the loop does while `mlops up` runs: run starts and ends, the served model."""
+    """Prints what the loop does while `mlops up` runs: run starts and ends, each month's retrain
+    decision, the served model."""
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self.seen: dict[str, str] = {}
+        self.decided = 0
         self.served: str | None = None
         self.first = True
         self.last_poll = 0.0
@@ -233,6 +235,7 @@ class _Progress:
         self.last_poll = time.monotonic()
         try:
             self._runs()
+            self._decisions()
             self._model()
         except Exception as exc:  # progress output must never stop the services
             _echo(f"(progress unavailable: {type(exc).__name__}: {exc})")
@@ -253,6 +256,23 @@ class _Progress:
             partition = run.tags.get("dagster/partition")
             what = f"{run.job_name}" + (f" [{partition}]" if partition else "")
             _echo(f"run {what}: {status.lower()}  ({run.run_id[:8]})")
+
+    def _decisions(self) -> None:
+        from resources.registry import ModelRegistryResource
+
+        entries = ModelRegistryResource(root=str(mlops_paths().registry)).decisions()
+        new, self.decided = entries[self.decided :], len(entries)
+        for entry in new if not self.first else []:
+            if entry.get("action") not in ("retrain", "no_retrain", "gate"):
+                continue
+            if entry["action"] == "gate":
+                verdict = "passed" if entry.get("passed") else "rejected"
+                _echo(f"gate: {entry.get('version')} {verdict} ({entry['reason']})")
+                continue
+            what = "retrain held" if entry["action"] == "retrain" else "no retrain"
+            if entry.get("retrain_in_run"):
+                what = "retrain in this run"
+            _echo(f"decision [{entry.get('month')}]: {what} ({entry['reason']})")
 
     def _model(self) -> None:
         import httpx

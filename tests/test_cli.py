@@ -104,6 +104,14 @@ def test_up_serves_the_ui_on_loopback_and_down_stops_everything(tmp_path: Path) 
             time.sleep(1)
         assert any(line.startswith("run ingest_month [2013-0") and ": success" in line
                    for line in lines), "".join(lines[-50:])  # fmt: skip
+        # ... and each month's retrain decision: the six runs take turns, so a month decided
+        # while the next one is queued holds its retrain for it.
+        while time.monotonic() < deadline and not any(
+            line.startswith("decision [2013-0") for line in lines
+        ):
+            time.sleep(1)
+        held = [line for line in lines if line.startswith("decision [2013-0")]
+        assert held and "retrain held" in held[0] and "is queued" in held[0], held
     finally:
         stopped = run("down", home=tmp_path / "m")
         if stopped.returncode != 0:
