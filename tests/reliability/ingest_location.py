@@ -7,6 +7,7 @@ import dagster as dg
 from mlops_assets import definitions as project
 from mlops_assets.monitor.sensors import INGEST_ASSETS, INGEST_JOB, landing_sensor
 from resources import default_resources
+from resources.retrain_policy import RetrainPolicyResource
 
 ingest_only = dg.define_asset_job(
     INGEST_JOB, selection=dg.AssetSelection.assets(*INGEST_ASSETS),
@@ -18,5 +19,6 @@ defs = dg.Definitions(
     asset_checks=list(project.defs.asset_checks or []),
     jobs=[ingest_only],
     sensors=[landing_sensor.with_updated_job(ingest_only)],
-    resources=default_resources(),
+    # No trials config in the landing sensor's run requests: this job has no training step.
+    resources={**default_resources(), "retrain_policy": RetrainPolicyResource()},
 )
