@@ -1,4 +1,5 @@
-"""The retrain sensor's policy: cooldown and which signals may start a retrain."""
+"""The loop's retrain policy (read by `retrain_decision` and the retrain sensor): cooldown and which
+signals may start a retrain."""
 
 from __future__ import annotations
 
