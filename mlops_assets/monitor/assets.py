@@ -419,6 +419,7 @@ def retrain_decision(
     Otherwise an observation says why not, and those steps are skipped."""
     month = context.partition_key
     instance = context.instance
+    champion = registry.champion()
     verdict = policy.verdict_for(instance, month, registry, retrain_policy)
     prior = policy.decision_of(policy.recorded_decisions(registry), context.run)
     if prior is not None:  # a re-executed run keeps the decision its first attempt made
@@ -440,7 +441,7 @@ def retrain_decision(
         if held:
             reason += f"; held: {held}"
         registry.record_decision(
-            "retrain" if verdict.retrain else "no_retrain", registry.champion(), reason,
+            "retrain" if verdict.retrain else "no_retrain", champion, reason,
             month=month, ingest_run=context.run_id, retrain_in_run=go, held=held,
             covers=sorted({*waiting, month}) if go else [], decided_at=time.time(),
         )  # fmt: skip
@@ -450,7 +451,7 @@ def retrain_decision(
             "retrain in this run" if go else "held" if held else "no retrain"
         ),
         "reason": dg.MetadataValue.text(reason),
-        "champion_version": dg.MetadataValue.text(registry.champion() or "none"),
+        "champion_version": dg.MetadataValue.text(champion or "none"),
     }
     for name, value in (("weighted_drift_share", verdict.drift_share),
                         ("auc_drop", verdict.auc_drop)):  # fmt: skip

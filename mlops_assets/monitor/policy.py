@@ -97,36 +97,24 @@ def _month_decisions(registry: ModelRegistryResource) -> list[dict[str, Any]]:
     return [d for d in registry.decisions() if d.get("action") in ("retrain", "no_retrain")]
 
 
-def _newest_retrain_job(instance: dg.DagsterInstance) -> Any | None:
+def _last_retrain(
+    instance: dg.DagsterInstance, decisions: list[dict[str, Any]]
+) -> tuple[float, float]:
+    """``(asked, covers)`` for the newest retrain, a ``retrain`` job run or an ingest run's
+    decision to retrain in-run. ``asked``: when it was asked for (the cooldown counts from
+    here). ``covers``: decisions made before this time are covered, because that retrain built
+    its training set after them (a job run that has not started yet will: it covers all)."""
+    in_run = [float(d["decided_at"]) for d in decisions
+              if d.get("retrain_in_run") and "decided_at" in d]  # fmt: skip
     records = instance.get_run_records(dg.RunsFilter(job_name=RETRAIN_JOB), limit=1)
-    return records[0] if records else None
-
-
-def _in_run_retrains(registry: ModelRegistryResource) -> list[float]:
-    return [float(d["decided_at"]) for d in _month_decisions(registry)
-            if d.get("retrain_in_run") and "decided_at" in d]  # fmt: skip
-
-
-def last_retrain_at(instance: dg.DagsterInstance, registry: ModelRegistryResource) -> float:
-    """When the newest retrain was asked for (a ``retrain`` job run created, or an ingest run's
-    decision to retrain in-run): the cooldown counts from here."""
-    record = _newest_retrain_job(instance)
-    created = record.create_timestamp.timestamp() if record else 0.0
-    return max([created, *_in_run_retrains(registry)])
-
-
-def _covered_until(instance: dg.DagsterInstance, registry: ModelRegistryResource) -> float:
-    """Decisions made before this time are covered by a retrain that built its training set
-    after them: an in-run retrain decided later, or a ``retrain`` job run started later (or
-    still waiting to start)."""
-    record = _newest_retrain_job(instance)
-    job = 0.0
-    if record is not None:
-        if record.start_time is not None:
-            job = record.start_time
-        elif record.dagster_run.status in ACTIVE:
-            job = math.inf
-    return max([job, *_in_run_retrains(registry)])
+    asked = covers = 0.0
+    if records:
+        asked = records[0].create_timestamp.timestamp()
+        if records[0].start_time is not None:
+            covers = records[0].start_time
+        elif records[0].dagster_run.status in ACTIVE:
+            covers = math.inf
+    return max([asked, *in_run]), max([covers, *in_run])
 
 
 def waiting_months(
@@ -134,9 +122,10 @@ def waiting_months(
 ) -> dict[str, dict[str, Any]]:
     """Months whose retrain was held and that no retrain has covered since: month -> its
     (newest) decision."""
-    since = _covered_until(instance, registry)
+    decisions = _month_decisions(registry)
+    _, since = _last_retrain(instance, decisions)
     waiting: dict[str, dict[str, Any]] = {}
-    for d in _month_decisions(registry):
+    for d in decisions:
         held = d["action"] == "retrain" and d.get("retrain_in_run") is False
         if held and float(d.get("decided_at", 0.0)) > since:
             waiting[str(d["month"])] = d
@@ -155,7 +144,8 @@ def hold(
                 partition = run.tags.get("dagster/partition")
                 what = f"{job} run {run.run_id[:8]}" + (f" [{partition}]" if partition else "")
                 return f"{what} is {run.status.value.lower()}; it retrains or the sensor will"
-    wait = policy.cooldown_seconds - (time.time() - last_retrain_at(instance, registry))
+    asked, _ = _last_retrain(instance, _month_decisions(registry))
+    wait = policy.cooldown_seconds - (time.time() - asked)
     if wait > 0:
         return f"cooldown after the last retrain, {wait:.0f} s left"
     return None
