@@ -44,7 +44,12 @@ from mlops_assets.serve.columnar import (
     Bookings,
     to_arrow,
 )
-from mlops_assets.serve.predictor import Predictor, PredictorError, time_predict
+from mlops_assets.serve.predictor import (
+    SINGLE_THREAD_MAX_ROWS,
+    Predictor,
+    PredictorError,
+    time_predict,
+)
 from mlops_assets.serve.predlog import PredictionLog, read_prediction_log
 from mlops_assets.serve.schema import FlightRecord, parsing_request_model, predict_request_model
 from mlops_assets.train.model import Matrix, fit
@@ -885,6 +890,32 @@ def test_predict_latency(tables: dict[str, pl.DataFrame], predictor: Predictor) 
         f"256 records: p50 {batch['p50_ms']:.2f} ms, p90 {batch['p90_ms']:.2f} ms"
     )
     assert one["p50_ms"] < 50 and batch["p50_ms"] < 200
+
+
+def test_small_batches_score_on_one_thread_large_ones_on_the_configured_count(
+    tables: dict[str, pl.DataFrame], predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second OpenMP thread costs a small batch more than it saves (predictor.py's numbers)."""
+    monkeypatch.setattr(predictor, "num_threads", 2)
+    asked: list[Any] = []
+    real_predict = predictor.booster.predict
+
+    def recording_predict(x: np.ndarray, **options: Any) -> np.ndarray:
+        asked.append((len(x), options.get("num_threads")))
+        return real_predict(x, **options)
+
+    monkeypatch.setattr(predictor.booster, "predict", recording_predict)
+    records = booking_records(tables["flights"].head(200))
+    for n in (1, SINGLE_THREAD_MAX_ROWS, SINGLE_THREAD_MAX_ROWS + 1, 200):
+        bookings = Bookings.from_records(records[:n])
+        got = predictor.score(bookings)
+        assert np.array_equal(got, real_predict(predictor.matrix(bookings), num_threads=2))
+    assert asked == [
+        (1, 1),
+        (SINGLE_THREAD_MAX_ROWS, 1),
+        (SINGLE_THREAD_MAX_ROWS + 1, 2),
+        (200, 2),
+    ]
 
 
 def test_request_model_limit_is_configurable() -> None:
