@@ -7,6 +7,7 @@ stored in a temporary registry and loaded back, hash-verified, with ``Predictor.
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import threading
@@ -42,6 +43,7 @@ from mlops_assets.serve.columnar import (
     INPUT_SCHEMA,
     RULES,
     Bookings,
+    impossible_calendar_rows,
     to_arrow,
 )
 from mlops_assets.serve.predictor import (
@@ -916,6 +918,31 @@ def test_small_batches_score_on_one_thread_large_ones_on_the_configured_count(
         (SINGLE_THREAD_MAX_ROWS + 1, 2),
         (200, 2),
     ]
+
+
+def test_calendar_rule_agrees_for_small_and_large_batches() -> None:
+    """Up to 8 records are checked in plain Python, more with numpy: the same rows either way,
+    and the ones ``FlightRecord`` refuses (leap years, month ends, clock minutes)."""
+    records = [
+        {**GOOD, "year": y, "month": m, "day": d, "sched_dep_time": dep, "sched_arr_time": arr}
+        for y, m, d, dep, arr in itertools.product(
+            (2012, 2013, 2100), range(1, 13), (1, 28, 29, 30, 31), (0, 59, 60, 2359), (830, 875)
+        )
+    ]
+    flagged = impossible_calendar_rows(Bookings.from_records(records))
+    small = [
+        start + i
+        for start in range(0, len(records), 7)
+        for i in impossible_calendar_rows(Bookings.from_records(records[start : start + 7]))
+    ]
+    assert small == flagged
+    refused = []
+    for i, record in enumerate(records):
+        try:
+            FlightRecord.model_validate(record)
+        except ValidationError:
+            refused.append(i)
+    assert flagged == refused and 0 < len(flagged) < len(records)
 
 
 def test_request_model_limit_is_configurable() -> None:
