@@ -24,6 +24,14 @@ def _env(name: str) -> Any:
     return dg.EnvVar(name) if os.environ.get(name) else ""
 
 
+def _flag(name: str) -> bool:
+    """A yes/no setting: unset, ``0`` or ``1``; anything else is refused with its name."""
+    value = os.environ.get(name, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def default_resources() -> dict[str, Any]:
     """The embedded defaults under ``MLOPS_HOME``; URLs and secrets only from the environment."""
     paths = mlops_paths()
@@ -46,6 +54,7 @@ def default_resources() -> dict[str, Any]:
             state_dir=str(paths.home / "ray"),
             api_token=_env("MLOPS_API_TOKEN"),
             http_port=int(os.environ.get("MLOPS_SERVE_PORT") or 8000),
+            direct_ingress=_flag("MLOPS_SERVE_DIRECT_INGRESS"),
         ),
         "io_manager": WarehouseIOManager(warehouse=warehouse),
         "mlflow_tracking": MlflowResource(

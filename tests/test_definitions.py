@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import yaml
 
 from mlops_assets.definitions import defs
@@ -146,3 +147,20 @@ def test_the_readme_picture_is_the_asset_graph() -> None:
             assert f"{parent.to_user_string()} --> {key.to_user_string()}" in picture
     for source, sensor, target in SENSOR_EDGES:
         assert f"{source} -. {sensor} .-> {target}" in picture
+
+
+def test_direct_ingress_is_switched_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``MLOPS_SERVE_DIRECT_INGRESS=1``: the local head gives each replica its own port."""
+    from resources import default_resources
+
+    monkeypatch.delenv("MLOPS_SERVE_DIRECT_INGRESS", raising=False)
+    off = default_resources()["ray_serve"]
+    assert not off.direct_ingress
+    assert "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT" not in off.head_environment()
+    monkeypatch.setenv("MLOPS_SERVE_DIRECT_INGRESS", "1")
+    on = default_resources()["ray_serve"]
+    assert on.direct_ingress
+    assert on.head_environment()["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    monkeypatch.setenv("MLOPS_SERVE_DIRECT_INGRESS", "yes")
+    with pytest.raises(ValueError, match="MLOPS_SERVE_DIRECT_INGRESS must be 0 or 1"):
+        default_resources()
