@@ -7,6 +7,7 @@ stored in a temporary registry and loaded back, hash-verified, with ``Predictor.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import socket
@@ -37,7 +38,7 @@ from mlops_assets.features.transform import (
     build_features,
 )
 from mlops_assets.serve import fastpath
-from mlops_assets.serve.app import build_app
+from mlops_assets.serve.app import INLINE_MAX_RECORDS, SCORING_THREADS, build_app, default_scorer
 from mlops_assets.serve.columnar import (
     ARROW_MEDIA_TYPE,
     INPUT_SCHEMA,
@@ -918,6 +919,37 @@ def test_small_batches_score_on_one_thread_large_ones_on_the_configured_count(
         (SINGLE_THREAD_MAX_ROWS + 1, 2),
         (200, 2),
     ]
+
+
+def test_large_batches_reuse_long_lived_scoring_threads(
+    tables: dict[str, pl.DataFrame], predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each request its own task on a loop run with ``run_forever``, as in a Ray Serve replica:
+    the scoring threads outlive the requests (AnyIO's stopped with each request's task)."""
+    threads: list[threading.Thread] = []
+    real_score = predictor.score
+
+    def recording_score(bookings: Bookings) -> np.ndarray:
+        threads.append(threading.current_thread())
+        return real_score(bookings)
+
+    monkeypatch.setattr(predictor, "score", recording_score)
+    records = booking_records(tables["flights"].head(INLINE_MAX_RECORDS + 1))
+    bookings = Bookings.from_records(records)
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    try:
+        for _ in range(6):
+            answer = asyncio.run_coroutine_threadsafe(default_scorer(predictor, bookings), loop)
+            assert np.array_equal(answer.result(timeout=30), real_score(bookings))
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(timeout=10)
+        loop.close()
+    assert len(threads) == 6
+    assert all(t.name.startswith("mlops-score") and t.is_alive() for t in threads)
+    assert len(set(threads)) <= SCORING_THREADS
 
 
 def test_calendar_rule_agrees_for_small_and_large_batches() -> None:
