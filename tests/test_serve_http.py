@@ -48,7 +48,6 @@ from mlops_assets.serve.columnar import (
     to_arrow,
 )
 from mlops_assets.serve.predictor import (
-    SINGLE_THREAD_MAX_ROWS,
     Predictor,
     PredictorError,
     time_predict,
@@ -895,10 +894,10 @@ def test_predict_latency(tables: dict[str, pl.DataFrame], predictor: Predictor) 
     assert one["p50_ms"] < 50 and batch["p50_ms"] < 200
 
 
-def test_small_batches_score_on_one_thread_large_ones_on_the_configured_count(
+def test_every_call_of_a_predictor_uses_its_one_thread_count(
     tables: dict[str, pl.DataFrame], predictor: Predictor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A second OpenMP thread costs a small batch more than it saves (predictor.py's numbers)."""
+    """LightGBM keeps a call's thread count process-wide: mixed counts must never meet."""
     monkeypatch.setattr(predictor, "num_threads", 2)
     asked: list[Any] = []
     real_predict = predictor.booster.predict
@@ -909,16 +908,11 @@ def test_small_batches_score_on_one_thread_large_ones_on_the_configured_count(
 
     monkeypatch.setattr(predictor.booster, "predict", recording_predict)
     records = booking_records(tables["flights"].head(200))
-    for n in (1, SINGLE_THREAD_MAX_ROWS, SINGLE_THREAD_MAX_ROWS + 1, 200):
+    for n in (1, 8, 64, 200):
         bookings = Bookings.from_records(records[:n])
         got = predictor.score(bookings)
-        assert np.array_equal(got, real_predict(predictor.matrix(bookings), num_threads=2))
-    assert asked == [
-        (1, 1),
-        (SINGLE_THREAD_MAX_ROWS, 1),
-        (SINGLE_THREAD_MAX_ROWS + 1, 2),
-        (200, 2),
-    ]
+        assert np.array_equal(got, real_predict(predictor.matrix(bookings), num_threads=1))
+    assert asked == [(1, 2), (8, 2), (64, 2), (200, 2)]
 
 
 def test_large_batches_reuse_long_lived_scoring_threads(

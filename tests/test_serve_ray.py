@@ -356,6 +356,32 @@ def test_a_lone_request_is_scored_at_once_not_after_a_batch_wait(
     assert after["batches"] == before["batches"]
 
 
+def test_concurrent_large_requests_get_the_answers_of_a_lone_one(
+    config: ServeConfig, stores: dict[str, Any], first_deploy: dict[str, Any]
+) -> None:
+    """Large requests are scored side by side on the replica's scoring threads."""
+    body = {"flights": stores["records"][:200]}  # above batch_bypass_records: its own batch
+    with httpx.Client(base_url=config.url, timeout=30) as client:
+        alone = client.post("/predict", json=body)
+    assert alone.status_code == 200
+    barrier = threading.Barrier(8)
+    answers: list[httpx.Response] = []
+
+    def burst() -> None:
+        with httpx.Client(base_url=config.url, timeout=60) as client:
+            barrier.wait()
+            answers.extend(client.post("/predict", json=body) for _ in range(4))
+
+    threads = [threading.Thread(target=burst) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.status_code for r in answers] == [200] * 32
+    expected = alone.json()["predictions"]
+    assert all(r.json()["predictions"] == expected for r in answers)
+
+
 def test_concurrent_single_record_requests_are_batched(
     config: ServeConfig, stores: dict[str, Any], first_deploy: dict[str, Any]
 ) -> None:

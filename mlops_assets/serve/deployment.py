@@ -106,7 +106,13 @@ class ServeConfig(BaseModel):
     max_body_bytes: int = 1_000_000
     num_replicas: int = SERVING.num_replicas
     replica_num_cpus: float = SERVING.replica_num_cpus
-    predict_threads: int = 2
+    # One LightGBM thread per call: concurrent requests, not OpenMP teams, keep the cores busy.
+    # Measured on 2 cores (benchmarks/README.md): a second thread cost a small batch 220-560 µs
+    # with the other core busy (50-260 µs on one), and 1,000-record Arrow requests from 2/4/8
+    # clients got 71.6k/78.0k/87.6k rows/s on one thread against 65.5k/69.5k/71.5k on two; only
+    # a lone large request is faster on two (~62k vs ~45k rows/s). Per-call counts cannot be
+    # mixed in one process (see Predictor.num_threads).
+    predict_threads: int = 1
     max_batch_size: int = SERVING.max_batch_size
     batch_wait_timeout_s: float = SERVING.batch_wait_timeout_s
     # A request with more than batch_bypass_records records is a batch already.

@@ -44,15 +44,6 @@ from mlops_assets.serve.schema import Prediction
 from resources.registry import ModelRegistryResource, StoredModel
 
 DEFAULT_THRESHOLD = 0.5
-SINGLE_THREAD_MAX_ROWS = 64
-"""Batches up to this many rows are scored on one LightGBM thread, whatever ``num_threads``.
-
-Measured on this 2-core machine (``Booster.predict``, the served model): idle, a second thread
-saves at most ~30 µs up to 64 rows; with the other core busy (the normal case under load: the
-client, Ray, a concurrent request) the second OpenMP thread waits to be scheduled and its
-barrier costs the caller 220-560 µs for 1-64 rows, against 50-260 µs on one thread. Concurrent
-requests, not threads within one small batch, are what keep both cores busy.
-"""
 # The row position rides through build_features in the `flight` column: polars does not promise
 # row order through joins, and `flight` is an identifier, never a feature (checked below).
 _ORDER_COLUMN = "flight"
@@ -126,7 +117,13 @@ class Predictor:
     planes: pl.DataFrame
     threshold: float = DEFAULT_THRESHOLD
     num_threads: int = 0
-    """LightGBM threads for batches above ``SINGLE_THREAD_MAX_ROWS``; 0: OpenMP's default."""
+    """LightGBM prediction threads, the same for every call; 0 leaves OpenMP's default.
+
+    Never vary it from call to call in one process: LightGBM keeps the count of a call's
+    ``num_threads`` in a process-wide variable, read once to size the per-thread buffers and
+    again to size the parallel loop, so two concurrent calls with different counts can index
+    past the buffers of one another (seen here: a replica that mixed one and two threads hung).
+    """
     fast_path: bool = True
     """Encode small requests with :class:`FastMatrix` once it has proved equal at load."""
     _weather_index: _RangeIndex = field(init=False, repr=False)
@@ -260,8 +257,7 @@ class Predictor:
         """P(delayed) for each record, in order (float64)."""
         if not bookings.n:
             return np.empty(0, dtype=np.float64)
-        threads = 1 if bookings.n <= SINGLE_THREAD_MAX_ROWS else self.num_threads
-        options = {"num_threads": threads} if threads else {}
+        options = {"num_threads": self.num_threads} if self.num_threads else {}
         return self.booster.predict(self.matrix(bookings), **options)
 
     def probabilities(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
