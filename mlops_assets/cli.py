@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -284,7 +284,22 @@ class _Progress:
         if version and version != self.served:
             self.served = version
             _echo(f"model {version} is serving at {self.endpoint} (docs: {self.endpoint}/docs)")
+            fast = direct_endpoints(self.instance) if self.instance is not None else []
+            if fast:
+                _echo(f"fast path (direct ingress, same API): {', '.join(fast)}")
             _echo("try it:\n" + CURL_EXAMPLE.format(endpoint=self.endpoint))
+
+
+def direct_endpoints(instance: Any) -> list[str]:
+    """The replicas' own URLs from the newest ``served_model`` materialization (direct ingress;
+    empty when it is off or nothing was served yet)."""
+    import dagster as dg
+
+    event = instance.get_latest_materialization_event(dg.AssetKey("served_model"))
+    materialization = event.asset_materialization if event is not None else None
+    entry = materialization.metadata.get("direct_endpoints") if materialization else None
+    text = str(entry.value) if entry is not None else ""
+    return [url.strip() for url in text.split(",") if url.strip().startswith("http")]
 
 
 def _pid_file() -> Path:

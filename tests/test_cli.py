@@ -167,3 +167,27 @@ def test_status_shows_the_champion_serving_state_drift_and_decisions(tmp_path: P
     assert "train months: 2013-01, 2013-02" in out and "validation AUC 0.7312" in out
     assert f"2013-04 vs {manifest['version']}: 0.700 (distance, temp)" in out
     assert "retrain for 2013-04: AUC drop +0.05" in out
+
+
+def test_direct_endpoints_come_from_the_newest_served_model_materialization() -> None:
+    """What `mlops up` prints as the fast path: the replica URLs the deploy recorded, if any."""
+    import dagster as dg
+
+    from mlops_assets.cli import direct_endpoints
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        assert direct_endpoints(instance) == []
+
+        def served(text: str) -> None:
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(
+                    "served_model", metadata={"direct_endpoints": dg.MetadataValue.text(text)}
+                )
+            )
+
+        served("none (direct ingress off)")
+        assert direct_endpoints(instance) == []
+        served("http://127.0.0.1:30001, http://127.0.0.1:30002")
+        assert direct_endpoints(instance) == ["http://127.0.0.1:30001", "http://127.0.0.1:30002"]
+        served("none (direct ingress off)")
+        assert direct_endpoints(instance) == []
