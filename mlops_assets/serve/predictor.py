@@ -122,7 +122,8 @@ class Predictor:
     Never vary it from call to call in one process: LightGBM keeps the count of a call's
     ``num_threads`` in a process-wide variable, read once to size the per-thread buffers and
     again to size the parallel loop, so two concurrent calls with different counts can index
-    past the buffers of one another (seen here: a replica that mixed one and two threads hung).
+    past the buffers of one another (a benchmark run of a replica that mixed one and two threads
+    hung; not reproduced since, and the counts are no longer mixed).
     """
     fast_path: bool = True
     """Encode small requests with :class:`FastMatrix` once it has proved equal at load."""
