@@ -47,11 +47,7 @@ from mlops_assets.serve.columnar import (
     impossible_calendar_rows,
     to_arrow,
 )
-from mlops_assets.serve.predictor import (
-    Predictor,
-    PredictorError,
-    time_predict,
-)
+from mlops_assets.serve.predictor import Predictor, PredictorError, time_predict
 from mlops_assets.serve.predlog import PredictionLog, read_prediction_log
 from mlops_assets.serve.schema import FlightRecord, parsing_request_model, predict_request_model
 from mlops_assets.train.model import Matrix, fit

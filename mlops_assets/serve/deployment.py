@@ -110,7 +110,7 @@ class ServeConfig(BaseModel):
     # Measured on 2 cores (benchmarks/README.md): a second thread cost a small batch 220-560 µs
     # with the other core busy (50-260 µs on one), and 1,000-record Arrow requests from 2/4/8
     # clients got 71.6k/78.0k/87.6k rows/s on one thread against 65.5k/69.5k/71.5k on two; only
-    # a lone large request is faster on two (~62k vs ~45k rows/s). Per-call counts cannot be
+    # a lone large request is faster on two (62-68k vs 51k rows/s). Per-call counts cannot be
     # mixed in one process (see Predictor.num_threads).
     predict_threads: int = 1
     max_batch_size: int = SERVING.max_batch_size
