@@ -393,7 +393,21 @@ class RayPhase:
             _wait_http(f"{direct_urls[0]}/healthz", 30)
         self.pids = _ray_pids(self.config, self.resource.state_dir)
         self.ready_s = time.monotonic() - started
+        self.trees = self._wait_compiled()
+        print(f"replica trees: {self.trees}", flush=True)
         self._ray = ray
+
+    def _wait_compiled(self, timeout_s: float = 120.0) -> str:
+        """Measure what the replica settles on: its compiled trees once the compile finished."""
+        from mlops_assets.serve.deployment import replica_infos
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            statuses = [str(r.get("trees")) for r in replica_infos(self.config)]
+            pending = [s for s in statuses if s.endswith("not compiled")]
+            if not self.config.compile_trees or not pending or time.monotonic() > deadline:
+                return "; ".join(statuses)
+            time.sleep(0.5)
 
     def stop(self) -> None:
         from ray import serve
@@ -537,7 +551,9 @@ def main_bench(args: argparse.Namespace) -> None:
         if ("direct" if direct else "serve") not in args.variants:
             continue
         wait_ms = args.batch_wait_ms
-        knobs = {} if wait_ms is None else {"batch_wait_timeout_s": wait_ms / 1e3}
+        knobs: dict[str, Any] = {"compile_trees": args.trees == "compiled"}
+        if wait_ms is not None:
+            knobs["batch_wait_timeout_s"] = wait_ms / 1e3
         phase = RayPhase(home, v1, direct, knobs, args.throughput_optimized)
         print(f"Ray head ({'direct ingress' if direct else 'proxy'}): {phase.urls}, ready in "
               f"{phase.ready_s:.1f}s, server pids {phase.pids}", flush=True)  # fmt: skip
@@ -610,7 +626,7 @@ def main_batch(args: argparse.Namespace) -> None:
         turn["i"] += 1
 
     rows: dict[str, list[float]] = {}
-    knobs = {"max_records": size}
+    knobs = {"max_records": size, "compile_trees": args.trees == "compiled"}
     phases = [("serve", False), ("direct", True)]
     phases = [(name, direct) for name, direct in phases if name in args.variants]
     for name, direct in phases:
@@ -704,6 +720,12 @@ def main() -> None:
         "--toy-model",
         action="store_true",
         help="serve a 30-round, 15-leaf model instead of the project's searched one",
+    )
+    parser.add_argument(
+        "--trees",
+        default="compiled",
+        choices=["compiled", "lightgbm"],
+        help="the replica scores with compiled trees once verified (the default) or LightGBM",
     )
     parser.add_argument(
         "--batch-wait-ms", type=float, default=None, help="@serve.batch wait (default: the app's)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import socket
 import threading
 import time
@@ -37,7 +38,7 @@ from mlops_assets.features.transform import (
     WEATHER_FIELDS,
     build_features,
 )
-from mlops_assets.serve import fastpath
+from mlops_assets.serve import compiled, fastpath
 from mlops_assets.serve.app import INLINE_MAX_RECORDS, SCORING_THREADS, build_app, default_scorer
 from mlops_assets.serve.columnar import (
     ARROW_MEDIA_TYPE,
@@ -238,6 +239,82 @@ def test_fast_path_that_differs_or_does_not_know_the_features_is_not_used(
     assert unknown.fast_path_status.startswith("off: the feature list changed")
     assert unknown.describe()["serving"]["fast_path"] == unknown.fast_path_status
     assert unknown.probabilities(records).tolist() == expected.tolist()
+
+
+def test_compiled_trees_score_every_january_flight_like_lightgbm(
+    tables: dict[str, pl.DataFrame], trained: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stored = trained["registry"].load(trained["version"])
+    predictor = Predictor.from_stored(stored, tables["planes"], tables["weather"])
+    bookings = Bookings.from_records(booking_records(tables["flights"]))
+    reference = predictor.score(bookings)
+    assert predictor.trees_status == "lightgbm: not compiled"
+    status = predictor.compile_trees()
+    assert status.startswith("compiled (lleaves"), status
+    assert predictor.describe()["serving"]["trees"] == status
+
+    def no_lightgbm(*args: Any, **kwargs: Any) -> np.ndarray:
+        raise AssertionError("LightGBM scored although the compiled trees are verified")
+
+    monkeypatch.setattr(predictor.booster, "predict", no_lightgbm)
+    for n in (1, 8, bookings.n):  # one record, a micro-batch, all ~27k
+        part = Bookings.from_records(booking_records(tables["flights"].head(n)))
+        got = predictor.score(part)
+        assert got.shape == (n,)
+        assert np.max(np.abs(got - reference[:n])) <= compiled.TOLERANCE
+        # the answers' yes/no is the same flight for flight
+        assert np.array_equal(got >= predictor.threshold, reference[:n] >= predictor.threshold)
+
+
+def test_compiled_trees_that_differ_or_do_not_compile_are_not_used(
+    tables: dict[str, pl.DataFrame], trained: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stored = trained["registry"].load(trained["version"])
+    records = booking_records(tables["flights"].head(300))
+    # A real difference: the compiler is handed the model without its last tree.
+    fewer = lgb.Booster(
+        model_str=lgb.Booster(model_str=stored.model_text).model_to_string(num_iteration=29)
+    )
+    real_compile = compiled.CompiledTrees.compile.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        compiled.CompiledTrees,
+        "compile",
+        classmethod(lambda cls, booster, num_threads=1: real_compile(cls, fewer, num_threads)),
+    )
+    skewed = Predictor.from_stored(stored, tables["planes"], tables["weather"])
+    status = skewed.compile_trees()
+    assert status.startswith("lightgbm: compiled trees differ from LightGBM by"), status
+    assert skewed.describe()["serving"]["trees"] == status
+    assert skewed.probabilities(records).tolist() == (
+        skewed.booster.predict(skewed.matrix(records)).tolist()
+    )
+    monkeypatch.undo()
+
+    import lleaves
+
+    def broken(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("LLVM is unavailable")
+
+    monkeypatch.setattr(lleaves.Model, "compile", broken)
+    failed = Predictor.from_stored(stored, tables["planes"], tables["weather"])
+    assert failed.compile_trees() == (
+        "lightgbm: the trees did not compile: RuntimeError: LLVM is unavailable"
+    )
+    assert failed.probabilities(records).tolist() == (
+        failed.booster.predict(failed.matrix(records)).tolist()
+    )
+
+
+def test_background_work_runs_at_a_lower_priority() -> None:
+    seen: dict[str, int] = {}
+    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def work() -> None:
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    compiled.in_background(work, "test-background").join(timeout=10)
+    assert seen["nice"] == min(19, caller + 10)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller
 
 
 def test_http_predictions_equal_booster_predict_on_training_features(

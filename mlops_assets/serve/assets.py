@@ -33,6 +33,9 @@ class ServedModelConfig(dg.Config):
     max_ongoing_requests: int = SERVING.max_ongoing_requests
     max_queued_requests: int = SERVING.max_queued_requests
     max_records: int = SERVING.max_records
+    # Score with the model's trees compiled by lleaves once they equal LightGBM's answers
+    # (compiled in the background after each swap; see serve/compiled.py).
+    compile_trees: bool = True
 
 
 def serve_config(

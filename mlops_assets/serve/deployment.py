@@ -64,6 +64,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlops_assets.serve.app import build_app, default_scorer
 from mlops_assets.serve.columnar import Bookings
+from mlops_assets.serve.compiled import in_background
 from mlops_assets.serve.metrics import PREFIX, ServeMetrics
 from mlops_assets.serve.predictor import Predictor
 from mlops_assets.serve.predlog import PredictionLog
@@ -113,6 +114,9 @@ class ServeConfig(BaseModel):
     # a lone large request is faster on two (62-68k vs 51k rows/s). Per-call counts cannot be
     # mixed in one process (see Predictor.num_threads).
     predict_threads: int = 1
+    compile_trees: bool = True
+    """Compile each loaded model's trees (lleaves) in the background and score with them once
+    they equal LightGBM's answers; 3x fewer CPU per 1,000 rows here (see ``serve/compiled.py``)."""
     max_batch_size: int = SERVING.max_batch_size
     batch_wait_timeout_s: float = SERVING.batch_wait_timeout_s
     # A request with more than batch_bypass_records records is a batch already.
@@ -318,6 +322,7 @@ class ModelServer:
             "actor_name": self._actor_name,
             "pid": os.getpid(),
             "model_version": predictor.version if predictor else None,
+            "trees": predictor.trees_status if predictor else None,
             "generation": self._target.generation if self._target else None,
             "fingerprint": self._config.fingerprint(),
             "last_error": self._last_error,
@@ -361,6 +366,8 @@ class ModelServer:
             self._predictor = fresh
             self._target = target
             self._last_error = None
+            if self._config.compile_trees:
+                in_background(fresh.compile_trees, f"mlops-compile-{fresh.version}")
             seconds = time.perf_counter() - started
             log.info(
                 "replica %s now serves %s (was %s; loaded and verified in %.2fs)",

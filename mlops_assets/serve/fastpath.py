@@ -26,7 +26,6 @@ import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import numpy as np
 import polars as pl
@@ -47,11 +46,6 @@ KNOWN_FEATURES = (
     "distance", *WEATHER_FIELDS, "plane_age", "seats", "engines", "carrier", "origin", "dest",
 )  # fmt: skip
 _NAN = math.nan
-_NO_PLANE = (None, _NAN, _NAN)  # a tail the planes table does not know
-_LOCAL = ZoneInfo(ORIGIN_TIME_ZONE)
-_UTC = dt.UTC
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=_UTC)
-_US = dt.timedelta(microseconds=1)
 
 
 @lru_cache(maxsize=1 << 16)
@@ -59,13 +53,13 @@ def utc_hour_us(year: int, month: int, day: int, hour: int) -> int | None:
     """The local scheduled hour in UTC microseconds, as ``feature_frame`` computes ``time_hour``.
 
     Ambiguous (fall back) hours take the earliest instant, like ``ambiguous="earliest"``; hours
-    skipped by spring forward have no instant (None), like ``non_existent="null"``.
+    skipped by spring forward have no instant (None), like ``non_existent="null"``. Read from
+    the year's table, which polars computes: past 2037 its time zone rules differ from
+    ``zoneinfo``'s (no daylight saving time), and the feature function is polars.
     """
-    wall = dt.datetime(year, month, day, hour)
-    instant = wall.replace(tzinfo=_LOCAL, fold=0).astimezone(_UTC)
-    if instant.astimezone(_LOCAL).replace(tzinfo=None) != wall:
-        return None  # the wall time does not exist here (it round-trips to another hour)
-    return (instant - _EPOCH) // _US
+    first = dt.date(year, 1, 1).toordinal()
+    us = int(_year_hours_us(year)[(dt.date(year, month, day).toordinal() - first) * 24 + hour])
+    return None if us == _NO_INSTANT else us
 
 
 class FastMatrix:
@@ -100,6 +94,12 @@ class FastMatrix:
                     _NAN if seats is None else float(seats),
                     _NAN if engines is None else float(engines),
                 )
+        # The same values as rows of one array, for the vectorized path: a tail's row number,
+        # then one gather (the last row, all NaN, is the unknown tail's).
+        self.plane_row = {tail: i for i, tail in enumerate(self.planes)}
+        self.plane_table = np.array(
+            [*self.planes.values(), (_NAN, _NAN, _NAN)], dtype=np.float64
+        ).reshape(-1, 3)
         self.codes = {
             c: {v: float(i) for i, v in enumerate(preprocessor.categories[c])}
             for c in CATEGORICAL_FEATURES
@@ -198,10 +198,11 @@ class FastMatrix:
         x[:, 1] = dep_min
         x[:, 2] = arr_min
         x[:, 3] = (arr_min - dep_min) % 1440
-        x[:, 4] = (_days_since_epoch(year, month, day) + 3) % 7 + 1  # 1970-01-01 was a Thursday
+        days = _days_since_epoch(year, month, day)
+        x[:, 4] = (days + 3) % 7 + 1  # 1970-01-01 was a Thursday
         x[:, 5] = _floats(columns["distance"])
         origins = columns["origin"]
-        x[:, 6 : 6 + len(WEATHER_FIELDS)] = self._weather_rows(origins, year, month, day, dep_hour)
+        x[:, 6 : 6 + len(WEATHER_FIELDS)] = self._weather_rows(origins, year, days, dep_hour)
         for k, w in enumerate(WEATHER_FIELDS):
             given = columns[w]
             if not (isinstance(given, list) and given.count(None) == n):
@@ -209,10 +210,12 @@ class FastMatrix:
                 sent = ~np.isnan(values)
                 x[sent, 6 + k] = values[sent]
         plane_at = 6 + len(WEATHER_FIELDS)
-        # map(dict.get, ...) runs the lookups in C: ~3x faster than a comprehension.
-        tails = columns["tailnum"]
-        found = np.array(list(map(self.planes.get, tails, itertools.repeat(_NO_PLANE, n))),
-                         dtype=np.float64)  # fmt: skip
+        # map(dict.get, ...) runs the lookups in C: ~3x faster than a comprehension; row
+        # numbers then one gather: ~4x faster than building an array from the value tuples.
+        rows = np.fromiter(
+            map(self.plane_row.get, columns["tailnum"], itertools.repeat(-1, n)), np.int64, n
+        )
+        found = self.plane_table[rows]
         x[:, plane_at] = year - found[:, 0]  # no build year: NaN
         x[:, plane_at + 1 : plane_at + 3] = found[:, 1:]
         for k, c in enumerate(CATEGORICAL_FEATURES):
@@ -225,23 +228,22 @@ class FastMatrix:
         self,
         origins: Sequence[str | None],
         year: np.ndarray,
-        month: np.ndarray,
-        day: np.ndarray,
+        days: np.ndarray,
         hour: np.ndarray,
     ) -> np.ndarray:
         """Origin weather at each record's scheduled local hour (NaN where none is recorded)."""
         n = len(origins)
         out = np.full((n, len(WEATHER_FIELDS)), _NAN)
-        packed = ((year * 100 + month) * 100 + day) * 100 + hour
-        keys, inverse = np.unique(packed, return_inverse=True)
-        instants = np.array(
-            [
-                _NO_INSTANT if (us := utc_hour_us(k // 1_000_000, k // 10_000 % 100,
-                                                  k // 100 % 100, k % 100)) is None else us
-                for k in keys.tolist()
-            ],
-            dtype=np.int64,
-        )[inverse.reshape(-1)]  # fmt: skip
+        # The instant of each local hour, from a table per year (one gather, no Python loop).
+        slot = (days - _days_since_epoch(year, np.ones_like(year), np.ones_like(year))) * 24 + hour
+        years = np.unique(year).tolist()
+        if len(years) == 1:
+            instants = _year_hours_us(years[0])[slot]
+        else:
+            instants = np.empty(n, dtype=np.int64)
+            for y in years:
+                mine = year == y
+                instants[mine] = _year_hours_us(y)[slot[mine]]
         index = self.weather_origin_index
         origin_at = np.fromiter(map(index.get, origins, itertools.repeat(-1)), np.int64, n)
         known = instants != _NO_INSTANT
@@ -257,6 +259,27 @@ class FastMatrix:
 
 
 _NO_INSTANT = np.iinfo(np.int64).min  # no such local hour (skipped by spring forward)
+
+
+@lru_cache(maxsize=256)
+def _year_hours_us(year: int) -> np.ndarray:
+    """The UTC instant of every local hour of ``year``, at ``(day of year - 1) * 24 + hour``.
+
+    Computed as ``feature_frame`` computes ``time_hour`` (polars, ~1 ms a year, ~70 KB), so a
+    request's hours are one numpy gather instead of a call per distinct hour (~0.2 ms for
+    1,000 records).
+    """
+    local = pl.datetime_range(
+        dt.datetime(year, 1, 1), dt.datetime(year, 12, 31, 23), "1h", time_unit="us", eager=True
+    )
+    instants = local.dt.replace_time_zone(
+        ORIGIN_TIME_ZONE, ambiguous="earliest", non_existent="null"
+    ).dt.epoch("us")
+    table = instants.fill_null(_NO_INSTANT).to_numpy().astype(np.int64)
+    table.flags.writeable = False  # shared by every request
+    return table
+
+
 # Up to this many records the plain-Python loop beats numpy's per-call overhead (measured: one
 # record 12 us vs ~90 us).
 ROWS_MAX_RECORDS = 8

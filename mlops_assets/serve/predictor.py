@@ -2,7 +2,8 @@
 
 Scoring goes through exactly the training path: :func:`build_features` joins the records with
 origin weather and planes, :meth:`Preprocessor.transform` encodes them with the preprocessing
-fitted on the training split, and ``lightgbm.Booster.predict`` scores the matrix.
+fitted on the training split, and ``lightgbm.Booster.predict`` scores the matrix (or, once
+:meth:`Predictor.compile_trees` proved them equal, the same trees compiled to machine code).
 
 Per-call cost is kept low without changing that path: the weather table (it grows by ~26k rows
 a year) is sorted and indexed once, when the predictor is built, and each call hands
@@ -39,6 +40,7 @@ from mlops_assets.features.transform import (
     build_features,
 )
 from mlops_assets.serve.columnar import Bookings
+from mlops_assets.serve.compiled import CompiledTrees, verified_trees
 from mlops_assets.serve.fastpath import FastMatrix, sample_records
 from mlops_assets.serve.schema import Prediction
 from resources.registry import ModelRegistryResource, StoredModel
@@ -130,6 +132,8 @@ class Predictor:
     _weather_index: _RangeIndex = field(init=False, repr=False)
     _fast: FastMatrix | None = field(init=False, repr=False, default=None)
     fast_path_status: str = field(init=False, default="off")
+    _trees: CompiledTrees | None = field(init=False, repr=False, default=None)
+    trees_status: str = field(init=False, default="lightgbm: not compiled")
 
     def __post_init__(self) -> None:
         if _ORDER_COLUMN in FEATURE_NAMES:
@@ -178,6 +182,18 @@ class Predictor:
                     f"row(s) {rows[:5]}"
                 )
         return fast, f"on, verified on {len(sample)} records"
+
+    def compile_trees(self) -> str:
+        """Score with the trees compiled by lleaves once they equal LightGBM; the new status.
+
+        Takes seconds (see :mod:`~mlops_assets.serve.compiled`): a replica calls it on a
+        thread of its own after the model took traffic. Until it returns, and for good if the
+        compiled trees fail their comparison, ``Booster.predict`` scores.
+        """
+        sample = self._polars_matrix(sample_records(self.weather, self.planes))
+        trees, status = verified_trees(self.booster, sample, max(1, self.num_threads))
+        self._trees, self.trees_status = trees, status
+        return status
 
     # -- construction ---------------------------------------------------------------------
 
@@ -258,8 +274,12 @@ class Predictor:
         """P(delayed) for each record, in order (float64)."""
         if not bookings.n:
             return np.empty(0, dtype=np.float64)
+        matrix = self.matrix(bookings)
+        trees = self._trees  # read once: compile_trees may set it from another thread
+        if trees is not None:
+            return trees.predict(matrix)
         options = {"num_threads": self.num_threads} if self.num_threads else {}
-        return self.booster.predict(self.matrix(bookings), **options)
+        return self.booster.predict(matrix, **options)
 
     def probabilities(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
         return self.score(Bookings.from_records(records))
@@ -296,6 +316,7 @@ class Predictor:
             "serving": {
                 "threshold": self.threshold,
                 "fast_path": self.fast_path_status,
+                "trees": self.trees_status,
                 "reference_tables": {
                     "weather_rows": self.weather.height,
                     "planes_rows": self.planes.height,
