@@ -369,6 +369,9 @@ class RayPhase:
             throughput_optimized=optimized,
         )
         started = time.monotonic()
+        # A direct-ingress replica drains >= 30 s by default when Serve shuts down (for load
+        # balancers; there is none here), and Serve gives up waiting at 30 s: as in the tests.
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
         self.resource.ensure_connected()
         self.config = serve_assets.serve_config(
             ModelRegistryResource(root=str(home / "registry")),
@@ -626,7 +629,11 @@ def main_batch(args: argparse.Namespace) -> None:
         turn["i"] += 1
 
     rows: dict[str, list[float]] = {}
-    knobs = {"max_records": size, "compile_trees": args.trees == "compiled"}
+    knobs = {
+        "max_records": size,
+        "compile_trees": args.trees == "compiled",
+        "num_replicas": args.replicas,
+    }
     phases = [("serve", False), ("direct", True)]
     phases = [(name, direct) for name, direct in phases if name in args.variants]
     for name, direct in phases:
@@ -720,6 +727,13 @@ def main() -> None:
         "--toy-model",
         action="store_true",
         help="serve a 30-round, 15-leaf model instead of the project's searched one",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="serving replicas for --batch (Serve's proxy "
+        "balances them; direct ingress measures the first replica's port)",
     )
     parser.add_argument(
         "--trees",

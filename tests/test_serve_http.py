@@ -206,6 +206,21 @@ def test_fast_path_inputs_are_the_training_matrix(
     )
 
 
+def test_fast_path_agrees_with_the_feature_function_past_2037(
+    tables: dict[str, pl.DataFrame], trained: dict[str, Any]
+) -> None:
+    """Local hours to UTC as polars computes them (its rules past 2037 differ from zoneinfo's),
+    checked by the load-time comparison on DST days and spread-out hours of every year."""
+    weather = tables["weather"]
+    later = [
+        weather.with_columns(pl.col("time_hour").dt.offset_by(f"{year - 2013}y"))
+        for year in (2038, 2100)
+    ]
+    stored = trained["registry"].load(trained["version"])
+    predictor = Predictor.from_stored(stored, tables["planes"], pl.concat([weather, *later]))
+    assert predictor.fast_path_status.startswith("on, verified"), predictor.fast_path_status
+
+
 def nudged(real: Any) -> Any:
     """``real`` off by one ulp on row 3: a difference any verification must catch."""
 
