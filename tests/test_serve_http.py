@@ -294,7 +294,7 @@ def test_compiled_trees_that_differ_or_do_not_compile_are_not_used(
     monkeypatch.setattr(
         compiled.CompiledTrees,
         "compile",
-        classmethod(lambda cls, booster, num_threads=1: real_compile(cls, fewer, num_threads)),
+        classmethod(lambda cls, booster, num_threads=0: real_compile(cls, fewer, num_threads)),
     )
     skewed = Predictor.from_stored(stored, tables["planes"], tables["weather"])
     status = skewed.compile_trees()

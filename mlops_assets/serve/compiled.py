@@ -48,7 +48,7 @@ class CompiledTrees:
     compile_seconds: float
 
     @classmethod
-    def compile(cls, booster: lgb.Booster, num_threads: int = 1) -> CompiledTrees:
+    def compile(cls, booster: lgb.Booster, num_threads: int = 0) -> CompiledTrees:
         """Compile ``booster``'s trees; raises whatever lleaves raises on a model it cannot."""
         import lleaves
 
@@ -82,9 +82,14 @@ def probe_matrix(sample: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def verified_trees(
-    booster: lgb.Booster, sample: np.ndarray, num_threads: int = 1
+    booster: lgb.Booster, sample: np.ndarray, num_threads: int = 0
 ) -> tuple[CompiledTrees | None, str]:
-    """The compiled trees and a status, or None and the reason LightGBM keeps scoring."""
+    """The compiled trees and a status, or None and the reason LightGBM keeps scoring.
+
+    ``num_threads`` is the caller's LightGBM thread count (0: OpenMP's default), used for the
+    reference call too: LightGBM keeps it process-wide, and concurrent calls must not mix
+    counts (see ``Predictor.num_threads``). The compiled trees use as many, at least one.
+    """
     if sample.ndim != 2 or not len(sample):
         return None, "lightgbm: no sample to verify compiled trees against"
     try:
@@ -92,7 +97,7 @@ def verified_trees(
     except Exception as exc:  # any lleaves failure only means we keep the reference path
         return None, f"lightgbm: the trees did not compile: {type(exc).__name__}: {exc}"
     probe = probe_matrix(sample)
-    expected = booster.predict(probe, num_threads=1)
+    expected = booster.predict(probe, **({"num_threads": num_threads} if num_threads else {}))
     got = trees.predict(probe)
     worst = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else np.inf
     if not worst <= TOLERANCE:  # also catches NaN

@@ -191,7 +191,7 @@ class Predictor:
         compiled trees fail their comparison, ``Booster.predict`` scores.
         """
         sample = self._polars_matrix(sample_records(self.weather, self.planes))
-        trees, status = verified_trees(self.booster, sample, max(1, self.num_threads))
+        trees, status = verified_trees(self.booster, sample, self.num_threads)
         self._trees, self.trees_status = trees, status
         return status
 
