@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import lightgbm as lgb
 import numpy as np
+import orjson
 import polars as pl
 import pytest
 import uvicorn
@@ -39,7 +40,13 @@ from mlops_assets.features.transform import (
     build_features,
 )
 from mlops_assets.serve import compiled, fastpath
-from mlops_assets.serve.app import INLINE_MAX_RECORDS, SCORING_THREADS, build_app, default_scorer
+from mlops_assets.serve.app import (
+    INLINE_MAX_RECORDS,
+    SCORING_THREADS,
+    _answer,
+    build_app,
+    default_scorer,
+)
 from mlops_assets.serve.columnar import (
     ARROW_MEDIA_TYPE,
     INPUT_SCHEMA,
@@ -1032,6 +1039,27 @@ def test_large_batches_reuse_long_lived_scoring_threads(
     assert len(threads) == 6
     assert all(t.name.startswith("mlops-score") and t.is_alive() for t in threads)
     assert len(set(threads)) <= SCORING_THREADS
+
+
+def test_answer_bytes_are_orjson_s_dict_form_for_every_size() -> None:
+    rng = np.random.default_rng(3)
+    edges = [0.0, 1.0, 5e-324, 1e-300, 0.9999999999999999, 1 / 3, float("nan")]
+    for n in [0, 1, 16, 17, 18, 1000, *rng.integers(2, 1200, 30).tolist()]:
+        p = rng.random(n) ** rng.uniform(0.1, 30)
+        p[: min(n, len(edges))] = edges[: min(n, len(edges))]
+        delayed = p >= 0.5
+        expected = orjson.dumps(
+            {
+                "model_version": "m0042",
+                "predictions": [
+                    {"delay_probability": x, "delayed": y}
+                    for x, y in zip(p.tolist(), delayed.tolist(), strict=True)
+                ],
+            }
+        )
+        assert _answer("m0042", p, delayed) == expected, n
+    with pytest.raises(ValueError, match="100 probabilities but 99 decisions"):
+        _answer("m0042", np.zeros(100), np.zeros(99, dtype=bool))
 
 
 def test_calendar_rule_agrees_for_small_and_large_batches() -> None:

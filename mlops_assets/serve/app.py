@@ -253,17 +253,41 @@ async def default_scorer(predictor: Predictor, bookings: Bookings) -> np.ndarray
     return await asyncio.get_running_loop().run_in_executor(SCORING_POOL, predictor.score, bookings)
 
 
+_OPEN = b'{"delay_probability":'
+_THEN = np.array([b',"delayed":false},' + _OPEN, b',"delayed":true},' + _OPEN], dtype=object)
+_LAST = (b',"delayed":false}', b',"delayed":true}')
+# Up to this many predictions a dict per prediction is cheaper than the byte splice below.
+_DICTS_MAX = 16
+
+
 def _answer(model_version: str, probabilities: np.ndarray, delayed: np.ndarray) -> bytes:
-    """The ``PredictResponse`` body, encoded in one pass by orjson (~0.3 ms for 1,000)."""
-    return orjson.dumps(
-        {
-            "model_version": model_version,
-            "predictions": [
-                {"delay_probability": p, "delayed": d}
-                for p, d in zip(probabilities.tolist(), delayed.tolist(), strict=True)
-            ],
-        }
-    )
+    """The ``PredictResponse`` body: the bytes ``orjson.dumps`` gives for its dict form.
+
+    For many predictions the numbers are written by orjson in one call on the numpy column
+    and spliced between constant byte strings (~0.1 ms for 1,000 instead of ~0.3 ms building a
+    dict per prediction, on the event loop of a replica bound by its one GIL).
+    """
+    if len(probabilities) <= _DICTS_MAX:
+        return orjson.dumps(
+            {
+                "model_version": model_version,
+                "predictions": [
+                    {"delay_probability": p, "delayed": d}
+                    for p, d in zip(probabilities.tolist(), delayed.tolist(), strict=True)
+                ],
+            }
+        )
+    if len(probabilities) != len(delayed):
+        raise ValueError(f"{len(probabilities)} probabilities but {len(delayed)} decisions")
+    numbers = orjson.dumps(
+        np.ascontiguousarray(probabilities, dtype=np.float64), option=orjson.OPT_SERIALIZE_NUMPY
+    )[1:-1].split(b",")  # a float's JSON has no comma
+    parts: list[bytes] = [b""] * (2 * len(numbers))
+    parts[0::2] = numbers
+    parts[1::2] = _THEN[np.asarray(delayed, dtype=np.intp)].tolist()
+    parts[-1] = _LAST[bool(delayed[-1])]
+    head = b'{"model_version":' + orjson.dumps(model_version) + b',"predictions":['
+    return head + _OPEN + b"".join(parts) + b"]}"
 
 
 async def _drain(request: Request, limit: int) -> None:
