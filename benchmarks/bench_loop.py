@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,16 +35,12 @@ from typing import Any
 
 import httpx
 
+from mlops_assets.serve.ray_runtime import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 FIRST = [f"2013-0{m}" for m in range(1, 7)]
 REFERENCE = ["raw_planes", "planes", "raw_airports", "airports", "raw_airlines", "airlines"]
 SNAPSHOT_DIRS = ("landing", "warehouse", "registry", "reports", "sources")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def served(endpoint: str) -> str | None:

@@ -38,7 +38,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from mlops_assets.serve.ray_runtime import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "@@result "
@@ -57,12 +58,6 @@ TARGET_P50_MS = 5.0
 
 
 # --------------------------------------------------------------------------- setup
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # No ``from __future__ import annotations`` here: FastAPI resolves the baseline handlers'
@@ -164,7 +159,7 @@ class Baseline:
     """A baseline server in a child process."""
 
     def __init__(self, kind: str, home: Path, version: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.bench_serving", "--serve-baseline", kind,
@@ -363,9 +358,9 @@ class RayPhase:
         self.resource = RayResource(
             state_dir=str(self.tmp / "ray"),
             temp_dir=str(self.tmp / "rt"),
-            http_port=_free_port(),
+            http_port=free_port(),
             direct_ingress=direct,
-            direct_ingress_min_port=_free_port() if direct else 30000,
+            direct_ingress_min_port=free_port() if direct else 30000,
             throughput_optimized=optimized,
         )
         started = time.monotonic()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ from pathlib import Path
 import polars as pl
 import psutil
 
+from mlops_assets.serve.ray_runtime import free_port
 from resources.package_data import read_package_table
 
 MLOPS = str(Path(sys.executable).parent / "mlops")
@@ -54,18 +54,12 @@ def test_land_refuses_a_month_twice_and_bad_months(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "landing").iterdir()) == ["flights_2013-04.csv"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _children(pid: int) -> set[int]:
     return {p.pid for p in psutil.Process(pid).children(recursive=True)}
 
 
 def test_up_serves_the_ui_on_loopback_and_down_stops_everything(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLOPS_HOME": str(tmp_path / "m")}
     env.pop("DAGSTER_HOME", None)
     proc = subprocess.Popen([MLOPS, "up", "--port", str(port)], env=env, text=True,
@@ -139,7 +133,7 @@ def test_down_without_up_says_so(tmp_path: Path) -> None:
 def test_status_shows_the_champion_serving_state_drift_and_decisions(tmp_path: Path) -> None:
     from resources.registry import ModelRegistryResource
 
-    closed = _free_port()
+    closed = free_port()
     empty = run("status", "--url", f"http://127.0.0.1:{closed}", home=tmp_path)
     assert empty.returncode == 0
     assert "champion: none yet" in empty.stdout

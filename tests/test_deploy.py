@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import httpx
 import pytest
 import yaml
 
+from mlops_assets.serve.ray_runtime import free_port
 from resources.settings import Paths
 from tests.pg import (
     COMPOSE_INSTANCE_YAML,
@@ -227,12 +227,6 @@ def _command(service: dict[str, Any]) -> list[str]:
     return [str(part) for part in command] if isinstance(command, list) else command.split()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _localize(cmd: list[str], port: int, workspace: Path) -> list[str]:
     """The container command for this machine: 127.0.0.1, a free port, paths in the checkout."""
     out = []
@@ -301,7 +295,7 @@ mutation { reloadRepositoryLocation(repositoryLocationName: "mlops_assets") { __
 def test_compose_entry_commands_come_up(tmp_path: Path) -> None:
     """Code server, webserver and daemon from compose.yaml, on the compose Dagster instance."""
     server = postgres_server()
-    ports = {"code": _free_port(), "web": _free_port()}
+    ports = {"code": free_port(), "web": free_port()}
     workspace = tmp_path / "workspace.yaml"
     compose_workspace = yaml.safe_load((ROOT / "deploy/dagster/workspace.yaml").read_text())
     grpc = compose_workspace["load_from"][0]["grpc_server"]
@@ -370,7 +364,7 @@ def test_compose_entry_commands_come_up(tmp_path: Path) -> None:
             probe = [sys.executable, str(ROOT / "deploy" / "healthcheck.py")]
             ok = _run(probe, env={**env, "MLOPS_HEALTHCHECK_URL": f"{base}/server_info"})
             assert ok.returncode == 0, ok.stderr
-            closed = f"http://127.0.0.1:{_free_port()}/server_info"
+            closed = f"http://127.0.0.1:{free_port()}/server_info"
             refused = _run(probe, env={**env, "MLOPS_HEALTHCHECK_URL": closed})
             assert refused.returncode == 1
             assert closed in refused.stderr

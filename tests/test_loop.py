@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ import httpx
 import pytest
 
 from mlops_assets.definitions import defs
-from mlops_assets.serve.ray_runtime import stop_local_ray
+from mlops_assets.serve.ray_runtime import free_port, stop_local_ray
 from resources import default_resources
 from resources.files import land_month
 from resources.registry import ModelRegistryResource
@@ -43,12 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FIRST = [f"2013-0{m}" for m in range(1, 7)]
 REFERENCE = ["raw_planes", "planes", "raw_airports", "airports", "raw_airlines", "airlines"]
 pytestmark = pytest.mark.timeout(1500)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Loop:
@@ -115,7 +108,7 @@ def loop_env(home: Path, dagster_home: Path, **extra: str) -> dict[str, str]:
         **os.environ,
         "MLOPS_HOME": str(home),
         "DAGSTER_HOME": str(dagster_home),
-        "MLOPS_SERVE_PORT": str(_free_port()),
+        "MLOPS_SERVE_PORT": str(free_port()),
         "MLOPS_RETRAIN_COOLDOWN_SECONDS": "0",
         "MLOPS_RETRAIN_TRIALS": "2",
         **extra,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from mlops_assets.definitions import defs
 from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.transform import BOOKING_COLUMNS, LABEL, build_features
 from mlops_assets.serve.assets import serve_config
+from mlops_assets.serve.ray_runtime import free_port
 from mlops_assets.train.model import Matrix, fit
 from resources import default_resources
 from resources.prediction_log import PredictionLogResource
@@ -40,16 +40,10 @@ BUCKET = "mlops-test"
 PREPROCESSOR = '{"categories": {}}'
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def s3() -> Iterator[Any]:
     """An S3-compatible server on 127.0.0.1 with one bucket; returns a boto3 client for it."""
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from mlops_assets.features.transform import BOOKING_COLUMNS, LABEL, build_featur
 from mlops_assets.monitor.exporter import MonitorCollector, build_registry
 from mlops_assets.serve.app import build_app
 from mlops_assets.serve.predictor import Predictor
+from mlops_assets.serve.ray_runtime import free_port
 from tests.realdata import valid_table
 from tests.test_monitor import _champion_on_january
 
@@ -283,17 +283,11 @@ def test_exporter_reports_down_when_the_instance_cannot_be_read(
     assert families["mlops_monitor_drift_share"] == []
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _exporter_process_scrape(dagster_home: str) -> str:
     """Run compose's monitor-exporter command here (127.0.0.1, a free port), scrape it once."""
     service = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["monitor-exporter"]
     command = [str(part) for part in service["command"]]
-    port = _free_port()
+    port = free_port()
     command[0] = sys.executable if command[0] == "python" else command[0]
     command[command.index("--host") + 1] = "127.0.0.1"
     command[command.index("--port") + 1] = str(port)

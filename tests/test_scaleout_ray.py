@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.transform import BOOKING_COLUMNS, LABEL, build_features
 from mlops_assets.serve import assets as serve_assets
 from mlops_assets.serve.deployment import replica_infos
-from mlops_assets.serve.ray_runtime import STATE_FILE, local_ray, session_pids
+from mlops_assets.serve.ray_runtime import STATE_FILE, free_port, local_ray, session_pids
 from mlops_assets.train import assets as train_assets
 from mlops_assets.train.mlflow_bridge import MlflowResource
 from mlops_assets.train.model import Matrix, SearchSettings
@@ -52,12 +51,6 @@ pytestmark = pytest.mark.timeout(300)
 
 CLUSTER_CPUS = 2
 TRAIN = {"n_trials": 2, "seed": 7, "num_threads": 1}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -108,7 +101,7 @@ def cluster(home: Path) -> Iterator[Cluster]:
     }
     env = {**os.environ, **auth, **tuning}
     env.pop("RAY_ADDRESS", None)
-    port = _free_port()
+    port = free_port()
     ports = [
         "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
         "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port",
@@ -119,7 +112,7 @@ def cluster(home: Path) -> Iterator[Cluster]:
         f"--num-cpus={CLUSTER_CPUS}", "--num-gpus=0", "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1", "--include-dashboard=false", f"--temp-dir={temp_dir}",
         f"--object-store-memory={256 * 1024 * 1024}", "--disable-usage-stats",
-        *(f"{flag}={_free_port()}" for flag in ports),
+        *(f"{flag}={free_port()}" for flag in ports),
     ]  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
         for name, value in auth.items():
@@ -157,7 +150,7 @@ def cluster(home: Path) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def on_cluster(home: Path, cluster: Cluster) -> RayResource:
-    return RayResource(address=cluster.address, state_dir=str(home / "ray"), http_port=_free_port())
+    return RayResource(address=cluster.address, state_dir=str(home / "ray"), http_port=free_port())
 
 
 @pytest.fixture(scope="module")

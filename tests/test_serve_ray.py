@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -44,6 +43,7 @@ from mlops_assets.serve.predictor import Predictor
 from mlops_assets.serve.predlog import read_prediction_log
 from mlops_assets.serve.ray_runtime import (
     LocalRayError,
+    free_port,
     local_ray,
     session_pids,
     start_local_ray,
@@ -57,12 +57,6 @@ from resources.warehouse import WarehouseResource
 pytestmark = pytest.mark.timeout(300)
 
 CLIENTS = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- fixtures: a warehouse and registry with two real models, one local Ray ------------------
@@ -92,9 +86,9 @@ def ray_serve(home: Path) -> Iterator[RayResource]:
     resource = RayResource(
         state_dir=str(home / "ray"),
         temp_dir=str(home / "rt"),
-        http_port=_free_port(),
+        http_port=free_port(),
         direct_ingress=True,
-        direct_ingress_min_port=_free_port(),
+        direct_ingress_min_port=free_port(),
     )
     started = time.monotonic()
     # A removed direct-ingress replica drains >= 30 s by default (for load balancers); tests

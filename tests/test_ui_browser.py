@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import httpx
 import pytest
 
 from mlops_assets.cli import _stop, _wait_http
+from mlops_assets.serve.ray_runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ["ingest", "validate", "explore", "features", "train", "evaluate", "serve", "monitor"]
@@ -43,12 +43,6 @@ def chromium() -> str:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"{reason}; CI must install it")
     pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -73,7 +67,7 @@ def dagster_ui(chromium: str, tmp_path: Path) -> Iterator[DagsterUI]:
     # Create the SQLite storages once, here: a webserver, a daemon and their code servers all
     # creating a fresh instance at the same moment race on the schema stamp.
     dg.DagsterInstance.from_config(str(dagster_home)).dispose()
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "DAGSTER_HOME": str(dagster_home),

@@ -86,7 +86,12 @@ def default_temp_dir(folder: str | Path) -> Path:
     return Path("/tmp") / f"mlops-ray-{os.getuid()}-{digest}"
 
 
-def _free_ports(count: int) -> list[int]:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a server about to bind it: tests, benchmarks)."""
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
     """``count`` distinct free ports: every socket stays bound until all are picked (one at a
     time, the kernel can hand the same port out twice, and Ray refuses to start with a port
     shared by two of its components)."""
@@ -211,7 +216,7 @@ def _spawn_head(
         "--node-manager-port", "--object-manager-port",
         "--dashboard-port",  # a headless API server starts even without the UI
     ]  # fmt: skip
-    ports = dict(zip(flags, _free_ports(len(flags)), strict=True))
+    ports = dict(zip(flags, free_ports(len(flags)), strict=True))
     gcs_port = ports["--port"]
     command = [
         _ray_cli(),
