@@ -10,8 +10,8 @@ trusted blindly:
 
 - the source is the verified booster's own text (the registry checked the file's sha256);
 - after compiling, its probabilities are compared with ``Booster.predict`` on a matrix that
-  spans the model's inputs (the fast path's sample, every value with and without missing
-  values, and shuffled combinations); any difference above :data:`TOLERANCE` leaves the
+  spans the model's inputs (the fast path's sample, the same rows with each column missing in
+  turn, and shuffled combinations); any difference above :data:`TOLERANCE` leaves the
   predictor on LightGBM, with the reason in its status;
 - nothing compiled is ever read from or written to disk (no cache file: machine code loaded
   from a file would be as unsafe as a pickle).
@@ -92,13 +92,13 @@ def verified_trees(
     """
     if sample.ndim != 2 or not len(sample):
         return None, "lightgbm: no sample to verify compiled trees against"
-    try:
-        trees = CompiledTrees.compile(booster, num_threads)
-    except Exception as exc:  # any lleaves failure only means we keep the reference path
-        return None, f"lightgbm: the trees did not compile: {type(exc).__name__}: {exc}"
     probe = probe_matrix(sample)
     expected = booster.predict(probe, **({"num_threads": num_threads} if num_threads else {}))
-    got = trees.predict(probe)
+    try:
+        trees = CompiledTrees.compile(booster, num_threads)
+        got = trees.predict(probe)
+    except Exception as exc:  # any lleaves failure only means we keep the reference path
+        return None, f"lightgbm: the trees did not compile: {type(exc).__name__}: {exc}"
     worst = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else np.inf
     if not worst <= TOLERANCE:  # also catches NaN
         return None, (
