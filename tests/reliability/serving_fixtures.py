@@ -26,14 +26,11 @@ import psutil
 import ray
 from ray import serve
 from realdata import serving_stores, small_lightgbm
-from test_serve_ray import _free_port
 
 from mlops_assets.serve.ray_runtime import local_ray, session_pids, stop_local_ray
 from resources.ray import RayResource
 from resources.registry import ModelRegistryResource
 from resources.warehouse import WarehouseResource
-
-free_port = _free_port
 
 
 @dataclass(frozen=True)

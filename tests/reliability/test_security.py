@@ -39,7 +39,7 @@ from mlops_assets.serve.deployment import (
     load_predictor,
 )
 from mlops_assets.serve.predictor import Predictor, PredictorError
-from mlops_assets.serve.ray_runtime import stop_local_ray
+from mlops_assets.serve.ray_runtime import free_port, stop_local_ray
 from resources import default_resources
 from resources.registry import ModelIntegrityError, ModelRegistryResource
 from resources.weather_api_server import serve_weather_api
@@ -47,7 +47,6 @@ from tests.reliability.serving_fixtures import (
     BackgroundLoad,
     Stores,
     build_stores,
-    free_port,
     head_pids,
     listening_sockets,
     short_home,

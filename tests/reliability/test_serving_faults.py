@@ -25,13 +25,13 @@ from mlops_assets.serve.proxy import (
     UnansweredAs503,
     proxy_middlewares,
 )
+from mlops_assets.serve.ray_runtime import free_port
 from resources.prediction_log import PredictionLogResource
 from resources.ray import RayResource
 from tests.reliability.serving_fixtures import (
     BackgroundLoad,
     Stores,
     build_stores,
-    free_port,
     head_pids,
     local_head,
     replica_actors,

@@ -27,11 +27,11 @@ from schemathesis.specs.openapi.checks import (
 
 from mlops_assets.serve.app import build_app
 from mlops_assets.serve.deployment import ModelTarget, load_predictor
+from mlops_assets.serve.ray_runtime import free_port
 from resources.ray import RayResource
 from tests.reliability.serving_fixtures import (
     Stores,
     build_stores,
-    free_port,
     local_head,
     short_home,
 )
