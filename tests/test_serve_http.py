@@ -41,6 +41,7 @@ from mlops_assets.features.transform import (
 )
 from mlops_assets.serve import compiled, fastpath
 from mlops_assets.serve.app import (
+    INLINE_COMPILED_MAX_RECORDS,
     INLINE_MAX_RECORDS,
     SCORING_THREADS,
     _answer,
@@ -301,7 +302,7 @@ def test_compiled_trees_that_differ_or_do_not_compile_are_not_used(
     monkeypatch.setattr(
         compiled.CompiledTrees,
         "compile",
-        classmethod(lambda cls, booster, num_threads=0: real_compile(cls, fewer, num_threads)),
+        classmethod(lambda cls, booster: real_compile(cls, fewer)),
     )
     skewed = Predictor.from_stored(stored, tables["planes"], tables["weather"])
     status = skewed.compile_trees()
@@ -325,6 +326,36 @@ def test_compiled_trees_that_differ_or_do_not_compile_are_not_used(
     assert failed.probabilities(records).tolist() == (
         failed.booster.predict(failed.matrix(records)).tolist()
     )
+
+
+def test_compiled_trees_split_large_batches_with_one_helper_thread(
+    tables: dict[str, pl.DataFrame], trained: dict[str, Any]
+) -> None:
+    stored = trained["registry"].load(trained["version"])
+    predictor = Predictor.from_stored(stored, tables["planes"], tables["weather"])
+    trees = compiled.CompiledTrees.compile(predictor.booster)
+    x = predictor.matrix(booking_records(tables["flights"].head(1001)))
+    whole = trees.model.predict(x, n_jobs=1)  # type: ignore[attr-defined]
+    calls: list[tuple[str, int]] = []
+    real_predict = trees.model.predict  # type: ignore[attr-defined]
+
+    def recording_predict(matrix: np.ndarray, n_jobs: int) -> np.ndarray:
+        calls.append((threading.current_thread().name, len(matrix)))
+        return real_predict(matrix, n_jobs=n_jobs)
+
+    trees.model.predict = recording_predict  # type: ignore[attr-defined]
+    split = compiled.SPLIT_MIN_ROWS
+    for n in (1, split - 1, split, split + 1, 1001):
+        calls.clear()
+        got = trees.predict(x[:n])
+        assert np.array_equal(got, whole[:n])  # row by row: the same bits, split or not
+        if n < split:
+            assert calls == [(threading.current_thread().name, n)]
+        else:
+            helper = [c for c in calls if c[0].startswith("mlops-trees")]
+            assert sorted(calls) == sorted(
+                [(threading.current_thread().name, n // 2), (helper[0][0], n - n // 2)]
+            )
 
 
 def test_background_work_runs_at_a_lower_priority() -> None:
@@ -1010,35 +1041,62 @@ def test_every_call_of_a_predictor_uses_its_one_thread_count(
     assert asked == [(1, 2), (8, 2), (64, 2), (200, 2)]
 
 
-def test_large_batches_reuse_long_lived_scoring_threads(
-    tables: dict[str, pl.DataFrame], predictor: Predictor, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each request its own task on a loop run with ``run_forever``, as in a Ray Serve replica:
-    the scoring threads outlive the requests (AnyIO's stopped with each request's task)."""
+def _scoring_threads(predictor: Predictor, bookings: Bookings, calls: int) -> list[threading.Thread]:
+    """The thread each of ``calls`` requests was scored on, each request its own task on a loop
+    run with ``run_forever`` as in a Ray Serve replica; the answers must be ``score``'s."""
     threads: list[threading.Thread] = []
     real_score = predictor.score
+    expected = real_score(bookings)
 
     def recording_score(bookings: Bookings) -> np.ndarray:
         threads.append(threading.current_thread())
         return real_score(bookings)
 
-    monkeypatch.setattr(predictor, "score", recording_score)
-    records = booking_records(tables["flights"].head(INLINE_MAX_RECORDS + 1))
-    bookings = Bookings.from_records(records)
+    predictor.score = recording_score  # type: ignore[method-assign]
     loop = asyncio.new_event_loop()
-    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner = threading.Thread(target=loop.run_forever, daemon=True, name="replica-loop")
     runner.start()
     try:
-        for _ in range(6):
+        for _ in range(calls):
             answer = asyncio.run_coroutine_threadsafe(default_scorer(predictor, bookings), loop)
-            assert np.array_equal(answer.result(timeout=30), real_score(bookings))
+            assert np.array_equal(answer.result(timeout=30), expected)
     finally:
+        del predictor.score
         loop.call_soon_threadsafe(loop.stop)
         runner.join(timeout=10)
         loop.close()
-    assert len(threads) == 6
+    assert len(threads) == calls
+    return threads
+
+
+def test_large_batches_reuse_long_lived_scoring_threads(
+    tables: dict[str, pl.DataFrame], trained: dict[str, Any]
+) -> None:
+    """On LightGBM, large batches go to the scoring pool, whose threads outlive the requests
+    (AnyIO's stopped with each request's task)."""
+    stored = trained["registry"].load(trained["version"])
+    predictor = Predictor.from_stored(stored, tables["planes"], tables["weather"])
+    large = Bookings.from_records(booking_records(tables["flights"].head(INLINE_MAX_RECORDS + 1)))
+    threads = _scoring_threads(predictor, large, 6)
     assert all(t.name.startswith("mlops-score") and t.is_alive() for t in threads)
     assert len(set(threads)) <= SCORING_THREADS
+    small = Bookings.from_records(booking_records(tables["flights"].head(INLINE_MAX_RECORDS)))
+    assert {t.name for t in _scoring_threads(predictor, small, 2)} == {"replica-loop"}
+
+
+def test_compiled_trees_score_batches_up_to_their_limit_on_the_loop(
+    tables: dict[str, pl.DataFrame], trained: dict[str, Any]
+) -> None:
+    """Compiled trees are fast enough that the hop to a thread costs more than it saves."""
+    stored = trained["registry"].load(trained["version"])
+    predictor = Predictor.from_stored(stored, tables["planes"], tables["weather"])
+    assert predictor.compile_trees().startswith("compiled"), predictor.trees_status
+    assert predictor.trees_compiled
+    flights = tables["flights"]
+    at_limit = Bookings.from_records(booking_records(flights.head(INLINE_COMPILED_MAX_RECORDS)))
+    assert {t.name for t in _scoring_threads(predictor, at_limit, 3)} == {"replica-loop"}
+    above = Bookings.from_records(booking_records(flights.head(INLINE_COMPILED_MAX_RECORDS + 1)))
+    assert all(t.name.startswith("mlops-score") for t in _scoring_threads(predictor, above, 3))
 
 
 def test_answer_bytes_are_orjson_s_dict_form_for_every_size() -> None:

@@ -74,6 +74,12 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 MAX_ERRORS_SHOWN = 50
 INLINE_MAX_RECORDS = 32
+# With compiled trees a 1,000-record request costs the loop ~2.5 ms (matrix ~1 ms, trees
+# ~1.6 ms split with their helper thread), less than the hop to a scoring thread and back to
+# the GIL costs under load. Measured, 1,000-record Arrow requests at 2/4/8 clients: 101k/105k/
+# 109k rows/s inline against 88k/96k at 2/4 on the pool (benchmarks/README.md, session 16).
+# Still on the pool: LightGBM (inline it got 64-69k rows/s against 72-88k on the pool).
+INLINE_COMPILED_MAX_RECORDS = 2000
 # After refusing an oversized body, read (and discard) up to this much more of it, so ordinary
 # clients that send the whole body before reading see the 413 instead of a connection reset.
 DRAIN_LIMIT_BYTES = 8 * 1024 * 1024
@@ -245,10 +251,14 @@ async def default_scorer(predictor: Predictor, bookings: Bookings) -> np.ndarray
     """Small batches inline, large ones on a scoring thread.
 
     Measured here: the hop to a worker thread adds ~2 ms to a one-record request (more than
-    the scoring blocks the loop), while a large batch holds the loop for milliseconds, so it
-    goes to a thread and the loop keeps reading requests and answering health checks.
+    the scoring blocks the loop), while a large batch on LightGBM holds the loop for ~10 ms, so
+    it goes to a thread and the loop keeps reading requests and answering health checks. Once
+    the compiled trees score (three times faster, see :mod:`~mlops_assets.serve.compiled`),
+    batches up to ``INLINE_COMPILED_MAX_RECORDS`` stay on the loop too: the hop back to the
+    loop, waiting for the GIL behind busy threads, costs more than it saves.
     """
-    if bookings.n <= INLINE_MAX_RECORDS:
+    inline = INLINE_COMPILED_MAX_RECORDS if predictor.trees_compiled else INLINE_MAX_RECORDS
+    if bookings.n <= inline:
         return predictor.score(bookings)
     return await asyncio.get_running_loop().run_in_executor(SCORING_POOL, predictor.score, bookings)
 

@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import lightgbm as lgb
@@ -37,6 +38,14 @@ import numpy as np
 
 # Summation order differs from LightGBM's by a few ulps (measured: <= 4e-16 on probabilities).
 TOLERANCE = 1e-12
+# From this many rows a prediction is split in two: the caller scores one half while one
+# long-lived helper thread scores the other (1,000 rows: 1.6 ms instead of 2.1-2.8 ms here;
+# lleaves' own ``n_jobs`` starts a thread pool per call, 1.8-2.2 ms). Below, the hand-over
+# costs more than it saves.
+SPLIT_MIN_ROWS = 256
+_HELPER = (
+    ThreadPoolExecutor(1, thread_name_prefix="mlops-trees") if (os.cpu_count() or 1) > 1 else None
+)
 
 
 @dataclass(frozen=True)
@@ -44,11 +53,10 @@ class CompiledTrees:
     """A compiled forest: ``predict(matrix)`` gives what ``Booster.predict`` gives."""
 
     model: object  # lleaves.Model, imported lazily (llvmlite is only needed to compile)
-    num_threads: int
     compile_seconds: float
 
     @classmethod
-    def compile(cls, booster: lgb.Booster, num_threads: int = 0) -> CompiledTrees:
+    def compile(cls, booster: lgb.Booster) -> CompiledTrees:
         """Compile ``booster``'s trees; raises whatever lleaves raises on a model it cannot."""
         import lleaves
 
@@ -60,10 +68,17 @@ class CompiledTrees:
             booster.save_model(path)
             model = lleaves.Model(model_file=path)
             model.compile(finline=False)
-        return cls(model, max(1, num_threads), time.perf_counter() - started)
+        return cls(model, time.perf_counter() - started)
 
     def predict(self, matrix: np.ndarray) -> np.ndarray:
-        return self.model.predict(matrix, n_jobs=self.num_threads)  # type: ignore[attr-defined]
+        model = self.model
+        if len(matrix) < SPLIT_MIN_ROWS or _HELPER is None:
+            return model.predict(matrix, n_jobs=1)  # type: ignore[attr-defined]
+        # Half on the helper thread, half here: both release the GIL in the compiled code.
+        half = len(matrix) // 2
+        rest = _HELPER.submit(model.predict, matrix[half:], 1)  # type: ignore[attr-defined]
+        first = model.predict(matrix[:half], n_jobs=1)  # type: ignore[attr-defined]
+        return np.concatenate([first, rest.result()])
 
 
 def probe_matrix(sample: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -88,14 +103,15 @@ def verified_trees(
 
     ``num_threads`` is the caller's LightGBM thread count (0: OpenMP's default), used for the
     reference call too: LightGBM keeps it process-wide, and concurrent calls must not mix
-    counts (see ``Predictor.num_threads``). The compiled trees use as many, at least one.
+    counts (see ``Predictor.num_threads``). The compiled trees do not use it: they run on the
+    caller's thread, large batches split with one helper (:data:`SPLIT_MIN_ROWS`).
     """
     if sample.ndim != 2 or not len(sample):
         return None, "lightgbm: no sample to verify compiled trees against"
     probe = probe_matrix(sample)
     expected = booster.predict(probe, **({"num_threads": num_threads} if num_threads else {}))
     try:
-        trees = CompiledTrees.compile(booster, num_threads)
+        trees = CompiledTrees.compile(booster)
         got = trees.predict(probe)
     except Exception as exc:  # any lleaves failure only means we keep the reference path
         return None, f"lightgbm: the trees did not compile: {type(exc).__name__}: {exc}"

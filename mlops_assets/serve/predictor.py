@@ -195,6 +195,11 @@ class Predictor:
         self._trees, self.trees_status = trees, status
         return status
 
+    @property
+    def trees_compiled(self) -> bool:
+        """True once :meth:`compile_trees` proved the compiled trees equal and they score."""
+        return self._trees is not None
+
     # -- construction ---------------------------------------------------------------------
 
     @classmethod
