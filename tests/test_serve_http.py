@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -356,6 +357,33 @@ def test_compiled_trees_split_large_batches_with_one_helper_thread(
             assert sorted(calls) == sorted(
                 [(threading.current_thread().name, n // 2), (helper[0][0], n - n // 2)]
             )
+
+
+def test_a_forked_child_splits_compiled_predictions_too(
+    tables: dict[str, pl.DataFrame], trained: dict[str, Any]
+) -> None:
+    """After a fork the helper thread is gone: the child gets its own instead of waiting for
+    ever on the parent's."""
+    stored = trained["registry"].load(trained["version"])
+    predictor = Predictor.from_stored(stored, tables["planes"], tables["weather"])
+    trees = compiled.CompiledTrees.compile(predictor.booster)
+    x = predictor.matrix(booking_records(tables["flights"].head(compiled.SPLIT_MIN_ROWS * 2)))
+    expected = trees.predict(x)  # the parent's helper thread is running now
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only with the same answer
+        code = 1
+        try:
+            code = 0 if np.array_equal(trees.predict(x), expected) else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done == (0, 0):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child never got its split prediction back")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 def test_background_work_runs_at_a_lower_priority() -> None:
@@ -1041,7 +1069,9 @@ def test_every_call_of_a_predictor_uses_its_one_thread_count(
     assert asked == [(1, 2), (8, 2), (64, 2), (200, 2)]
 
 
-def _scoring_threads(predictor: Predictor, bookings: Bookings, calls: int) -> list[threading.Thread]:
+def _scoring_threads(
+    predictor: Predictor, bookings: Bookings, calls: int
+) -> list[threading.Thread]:
     """The thread each of ``calls`` requests was scored on, each request its own task on a loop
     run with ``run_forever`` as in a Ray Serve replica; the answers must be ``score``'s."""
     threads: list[threading.Thread] = []

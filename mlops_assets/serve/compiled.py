@@ -43,9 +43,23 @@ TOLERANCE = 1e-12
 # lleaves' own ``n_jobs`` starts a thread pool per call, 1.8-2.2 ms). Below, the hand-over
 # costs more than it saves.
 SPLIT_MIN_ROWS = 256
-_HELPER = (
-    ThreadPoolExecutor(1, thread_name_prefix="mlops-trees") if (os.cpu_count() or 1) > 1 else None
-)
+
+
+def _new_helper() -> ThreadPoolExecutor | None:
+    return ThreadPoolExecutor(1, "mlops-trees") if (os.cpu_count() or 1) > 1 else None
+
+
+_HELPER = _new_helper()
+
+
+def _helper_after_fork() -> None:
+    # A forked child has none of the parent's threads, but an executor that started its thread
+    # believes it still has it: work submitted in the child would wait forever.
+    global _HELPER
+    _HELPER = _new_helper()
+
+
+os.register_at_fork(after_in_child=_helper_after_fork)
 
 
 @dataclass(frozen=True)
