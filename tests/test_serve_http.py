@@ -265,11 +265,17 @@ def test_fast_path_that_differs_or_does_not_know_the_features_is_not_used(
     assert unknown.probabilities(records).tolist() == expected.tolist()
 
 
+def _own_predictor(tables: dict[str, pl.DataFrame], trained: dict[str, Any]) -> Predictor:
+    """A predictor of the trained model apart from the shared fixture, for a test that changes
+    it (compiles its trees, replaces a method)."""
+    stored = trained["registry"].load(trained["version"])
+    return Predictor.from_stored(stored, tables["planes"], tables["weather"])
+
+
 def test_compiled_trees_score_every_january_flight_like_lightgbm(
     tables: dict[str, pl.DataFrame], trained: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stored = trained["registry"].load(trained["version"])
-    predictor = Predictor.from_stored(stored, tables["planes"], tables["weather"])
+    predictor = _own_predictor(tables, trained)
     bookings = Bookings.from_records(booking_records(tables["flights"]))
     reference = predictor.score(bookings)
     assert predictor.trees_status == "lightgbm: not compiled"
@@ -332,8 +338,7 @@ def test_compiled_trees_that_differ_or_do_not_compile_are_not_used(
 def test_compiled_trees_split_large_batches_with_one_helper_thread(
     tables: dict[str, pl.DataFrame], trained: dict[str, Any]
 ) -> None:
-    stored = trained["registry"].load(trained["version"])
-    predictor = Predictor.from_stored(stored, tables["planes"], tables["weather"])
+    predictor = _own_predictor(tables, trained)
     trees = compiled.CompiledTrees.compile(predictor.booster)
     x = predictor.matrix(booking_records(tables["flights"].head(1001)))
     whole = trees.model.predict(x, n_jobs=1)  # type: ignore[attr-defined]
@@ -364,8 +369,7 @@ def test_a_forked_child_splits_compiled_predictions_too(
 ) -> None:
     """After a fork the helper thread is gone: the child gets its own instead of waiting for
     ever on the parent's."""
-    stored = trained["registry"].load(trained["version"])
-    predictor = Predictor.from_stored(stored, tables["planes"], tables["weather"])
+    predictor = _own_predictor(tables, trained)
     trees = compiled.CompiledTrees.compile(predictor.booster)
     x = predictor.matrix(booking_records(tables["flights"].head(compiled.SPLIT_MIN_ROWS * 2)))
     expected = trees.predict(x)  # the parent's helper thread is running now
@@ -1104,8 +1108,7 @@ def test_large_batches_reuse_long_lived_scoring_threads(
 ) -> None:
     """On LightGBM, large batches go to the scoring pool, whose threads outlive the requests
     (AnyIO's stopped with each request's task)."""
-    stored = trained["registry"].load(trained["version"])
-    predictor = Predictor.from_stored(stored, tables["planes"], tables["weather"])
+    predictor = _own_predictor(tables, trained)
     large = Bookings.from_records(booking_records(tables["flights"].head(INLINE_MAX_RECORDS + 1)))
     threads = _scoring_threads(predictor, large, 6)
     assert all(t.name.startswith("mlops-score") and t.is_alive() for t in threads)
@@ -1118,8 +1121,7 @@ def test_compiled_trees_score_batches_up_to_their_limit_on_the_loop(
     tables: dict[str, pl.DataFrame], trained: dict[str, Any]
 ) -> None:
     """Compiled trees are fast enough that the hop to a thread costs more than it saves."""
-    stored = trained["registry"].load(trained["version"])
-    predictor = Predictor.from_stored(stored, tables["planes"], tables["weather"])
+    predictor = _own_predictor(tables, trained)
     assert predictor.compile_trees().startswith("compiled"), predictor.trees_status
     assert predictor.trees_compiled
     flights = tables["flights"]
