@@ -95,6 +95,7 @@ def pandas_features(
         LABEL,
         ORIGIN_TIME_ZONE,
         WEATHER_FIELDS,
+        WEATHER_HISTORY_FIELDS,
     )
 
     stages = {} if stages is None else stages
@@ -131,6 +132,48 @@ def pandas_features(
     stage("time_hour")
 
     wx["time_hour"] = wx["time_hour"].astype(df["time_hour"].dtype)
+    # Weather history, on the small hourly table before the merge (these flights send no
+    # weather, so the scheduled hour's value is the table's). The hours before a row are looked
+    # up by clock time in an (origin, time_hour) index, not by shift() within an origin: shift
+    # would reach across a missing hour, which must stay missing.
+    by_hour = wx.set_index(["origin", "time_hour"])[
+        ["precip", "visib", "wind_speed", "pressure", "temp"]
+    ].astype("float64")
+    # Every recorded hour and the 5 after it: an hour missing from the table still has the
+    # hours before it.
+    grid = (
+        pd.concat(
+            [wx[["origin"]].assign(time_hour=wx["time_hour"] + pd.Timedelta(hours=k))
+             for k in range(6)]
+        )
+        .drop_duplicates()
+        .reset_index(drop=True)
+    )  # fmt: skip
+    window = [
+        by_hour.reindex(
+            pd.MultiIndex.from_arrays([grid["origin"], grid["time_hour"] - pd.Timedelta(hours=k)])
+        ).set_axis(grid.index)
+        for k in range(6)
+    ]  # window[k]: the weather k hours before each grid hour at its origin (k=0: its own)
+
+    def hours(field: str, count: int) -> pd.DataFrame:
+        return pd.concat([window[k][field] for k in range(count)], axis=1)
+
+    # Sums and extremes skip missing hours and are missing only when every hour is (min_count=1:
+    # an all-NaN sum is otherwise 0); a change is missing when either of its hours is.
+    history = {
+        "precip_3h": hours("precip", 3).sum(axis=1, min_count=1),
+        "precip_6h": hours("precip", 6).sum(axis=1, min_count=1),
+        "visib_min_3h": hours("visib", 3).min(axis=1),
+        "wind_max_3h": hours("wind_speed", 3).max(axis=1),
+        "pressure_chg_3h": window[0]["pressure"] - window[3]["pressure"],
+        "temp_chg_3h": window[0]["temp"] - window[3]["temp"],
+    }
+    wx = grid.assign(**{f"__hist_{h}": history[h] for h in WEATHER_HISTORY_FIELDS}).merge(
+        wx, on=["origin", "time_hour"], how="left"
+    )
+    stage("history")
+
     wx = wx.rename(columns={w: f"__wx_{w}" for w in WEATHER_FIELDS})
     registry = registry.rename(columns={"year": "__plane_year"})
     df = df.merge(wx, on=["origin", "time_hour"], how="left")
@@ -157,6 +200,7 @@ def pandas_features(
             "weekday": (df["flight_date"].dt.weekday + 1).astype("float64"),
             "distance": df["distance"].astype("float64"),
             **{w: df[f"__wx_{w}"].astype("float64") for w in WEATHER_FIELDS},
+            **{h: df[f"__hist_{h}"] for h in WEATHER_HISTORY_FIELDS},
             "plane_age": (df["year"] - df["__plane_year"]).astype("float64"),
             "seats": df["seats"].astype("float64"),
             "engines": df["engines"].astype("float64"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import polars as pl
 import pytest
 from realdata import valid_table
@@ -13,9 +15,12 @@ from mlops_assets.features.transform import (
     CATEGORICAL_FEATURES,
     FEATURE_NAMES,
     LABEL,
+    PAST_WEATHER_FIELDS,
     POST_DEPARTURE,
     WEATHER_FIELDS,
+    WEATHER_HISTORY_FIELDS,
     build_features,
+    weather_history,
 )
 
 
@@ -133,3 +138,118 @@ def test_time_splits_never_cross_time() -> None:
 
 def test_weather_fields_are_all_features() -> None:
     assert set(WEATHER_FIELDS) <= set(FEATURE_NAMES)
+
+
+# -- the origin's weather history ------------------------------------------------------------
+
+
+def _hours(origin: str, start: dt.datetime, values: dict[str, list[float | None]]) -> pl.DataFrame:
+    """Hourly weather rows for one origin from ``start`` (UTC), a value list per field; a row
+    whose every value is None is left out (a missing hour, as the real table has)."""
+    n = len(next(iter(values.values())))
+    rows = [
+        {"origin": origin, "time_hour": start + dt.timedelta(hours=i),
+         **{w: values.get(w, [1.0] * n)[i] for w in WEATHER_FIELDS}}
+        for i in range(n)
+        if any(values[w][i] is not None for w in values)
+    ]  # fmt: skip
+    return pl.DataFrame(rows).with_columns(
+        pl.col("time_hour").dt.replace_time_zone("UTC").dt.cast_time_unit("us"),
+        *(pl.col(w).cast(pl.Float64) for w in WEATHER_FIELDS),
+    )
+
+
+def _booking_at(local: dt.datetime, **weather: float) -> pl.DataFrame:
+    return pl.DataFrame(
+        [{"year": local.year, "month": local.month, "day": local.day,
+          "sched_dep_time": local.hour * 100 + 5, "sched_arr_time": 1200, "carrier": "UA",
+          "flight": 1, "tailnum": None, "origin": "EWR", "dest": "ORD", "distance": 719.0,
+          **weather}]
+    )  # fmt: skip
+
+
+def test_weather_history_covers_the_hours_before_by_clock_time(
+    tables: dict[str, pl.DataFrame],
+) -> None:
+    # 2013-06-10 12:00-19:00 UTC (08:00-15:00 in New York, EDT); 16:00 UTC is missing.
+    weather = _hours("EWR", dt.datetime(2013, 6, 10, 12), {
+        "precip":     [0.1, 0.2, 0.0, 0.3, None, 0.05, 0.0, 0.4],
+        "visib":      [10., 2.0, 8.0, 9.0, None, 10.0, 3.0, 7.0],
+        "wind_speed": [5.0, 9.0, 4.0, 6.0, None, 12.0, 7.0, 2.0],
+        "pressure":   [1010, 1011, 1012, 1013, None, 1009, 1008, 1000],
+        "temp":       [60.0, 61.0, 62.0, 64.0, None, 70.0, 71.0, 65.0],
+    })  # fmt: skip
+
+    def history(local_hour: int) -> dict[str, float | None]:
+        out = build_features(
+            _booking_at(dt.datetime(2013, 6, 10, local_hour)), weather, tables["planes"]
+        )
+        return out.select(WEATHER_HISTORY_FIELDS).row(0, named=True)
+
+    # 11:00 local = 15:00 UTC: that hour, 14:00 and 13:00 (3h); 12:00-10:00 too (6h).
+    at_15 = history(11)
+    assert at_15["precip_3h"] == pytest.approx(0.3 + 0.0 + 0.2)
+    assert at_15["precip_6h"] == pytest.approx(0.3 + 0.0 + 0.2 + 0.1)
+    assert at_15["visib_min_3h"] == 2.0 and at_15["wind_max_3h"] == 9.0
+    assert at_15["pressure_chg_3h"] == 1013 - 1010 and at_15["temp_chg_3h"] == 64.0 - 60.0
+    # 14:00 local = 18:00 UTC: 16:00 UTC is missing, so it is skipped, never shifted over.
+    at_18 = history(14)
+    assert at_18["precip_3h"] == pytest.approx(0.0 + 0.05)
+    assert at_18["visib_min_3h"] == 3.0 and at_18["wind_max_3h"] == 12.0
+    assert at_18["pressure_chg_3h"] == 1008 - 1013  # 15:00 UTC, three clock hours before
+    # 15:00 local = 19:00 UTC: three hours before is the missing 16:00, so no change is known.
+    at_19 = history(15)
+    assert at_19["pressure_chg_3h"] is None and at_19["temp_chg_3h"] is None
+    assert at_19["precip_3h"] == pytest.approx(0.4 + 0.0 + 0.05)
+    # 12:00 local = 16:00 UTC, the missing hour itself: no weather, but the hours before.
+    at_16 = history(12)
+    assert at_16["precip_3h"] == pytest.approx(0.3 + 0.0)
+    assert at_16["visib_min_3h"] == 8.0 and at_16["pressure_chg_3h"] is None
+    # 16:00 local = 20:00 UTC, the hour after the last recorded one: the same.
+    assert history(16)["precip_3h"] == pytest.approx(0.4 + 0.0)
+    # 08:00 local = 12:00 UTC, the first hour recorded: the history is that hour alone.
+    at_12 = history(8)
+    assert at_12["precip_3h"] == pytest.approx(0.1) and at_12["visib_min_3h"] == 10.0
+    assert at_12["pressure_chg_3h"] is None
+
+
+def test_sent_weather_combines_with_the_looked_up_history(
+    tables: dict[str, pl.DataFrame],
+) -> None:
+    weather = _hours("EWR", dt.datetime(2013, 6, 10, 12), {
+        "precip":   [0.1, 0.2, 0.0, 0.3],
+        "visib":    [10., 2.0, 8.0, 9.0],
+        "pressure": [1010, 1011, 1012, 1013],
+    })  # fmt: skip
+    local = dt.datetime(2013, 6, 10, 11)  # 15:00 UTC
+    sent = build_features(
+        _booking_at(local, precip=1.0, visib=0.5, pressure=1000.0), weather, tables["planes"]
+    ).row(0, named=True)
+    assert sent["precip"] == 1.0 and sent["precip_3h"] == pytest.approx(1.0 + 0.0 + 0.2)
+    assert sent["visib_min_3h"] == 0.5
+    assert sent["pressure_chg_3h"] == 1000.0 - 1010
+    # A booking on an hour the table does not hold: the history is what was sent, or null.
+    far = build_features(
+        _booking_at(dt.datetime(2013, 6, 12, 11), precip=0.25), weather, tables["planes"]
+    ).row(0, named=True)
+    assert far["precip_3h"] == 0.25 and far["precip_6h"] == 0.25
+    assert far["visib_min_3h"] is None and far["pressure_chg_3h"] is None
+
+
+def test_weather_history_derived_once_equals_the_whole_table(
+    tables: dict[str, pl.DataFrame],
+) -> None:
+    """Serving derives the history from the whole table, then joins slices of it: the features
+    are those of the whole table, also in the first hours of a slice."""
+    # 19:00-21:59 in New York in January: 00:00-02:59 UTC, the first hours of a UTC date.
+    flights = tables["flights"].filter(pl.col("sched_dep_time").is_between(1900, 2159)).head(200)
+    whole = build_features(flights, tables["weather"], tables["planes"])
+    derived = weather_history(tables["weather"]).collect()
+    days = flights.get_column("time_hour").dt.date().unique()
+    sliced = derived.filter(pl.col("time_hour").dt.date().is_in(days.implode()))
+    assert sliced.height < derived.height
+    assert build_features(flights, sliced, tables["planes"]).equals(whole)
+    # Without the derived columns, the slice would lose the hours before its first.
+    bare = sliced.drop(PAST_WEATHER_FIELDS)
+    recomputed = build_features(flights, bare, tables["planes"]).select(WEATHER_HISTORY_FIELDS)
+    assert not recomputed.equals(whole.select(WEATHER_HISTORY_FIELDS))

@@ -33,7 +33,7 @@ from realdata import valid_table
 
 from mlops_assets.features.assets import PREPROCESSOR_FILE
 from mlops_assets.features.preprocess import Preprocessor
-from mlops_assets.features.transform import BOOKING_COLUMNS, LABEL, build_features
+from mlops_assets.features.transform import BOOKING_COLUMNS, FEATURE_NAMES, LABEL, build_features
 from mlops_assets.serve import assets as serve_assets
 from mlops_assets.serve.deployment import replica_infos
 from mlops_assets.serve.ray_runtime import STATE_FILE, free_port, local_ray, session_pids
@@ -281,7 +281,7 @@ def test_a_search_that_fails_on_the_cluster_raises_with_the_cause(
 ) -> None:
     train, valid = _matrices(stores)
     narrow = Matrix(x=np.ascontiguousarray(train.x[:, :3]), y=train.y)  # 3 of the features
-    cause = r"ValueError: Length of feature_name\(21\) and num_feature\(3\)"
+    cause = rf"ValueError: Length of feature_name\({len(FEATURE_NAMES)}\) and num_feature\(3\)"
     with pytest.raises(RemoteTrainingError, match=rf"failed on the Ray cluster at \S+: {cause}"):
         search_on_cluster(narrow, valid, SearchSettings(n_trials=1, num_threads=1), on_cluster)
 

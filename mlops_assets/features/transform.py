@@ -34,6 +34,31 @@ BOOKING_COLUMNS: dict[str, pl.DataType] = {
 WEATHER_FIELDS = (
     "temp", "dewp", "humid", "wind_dir", "wind_speed", "wind_gust", "precip", "pressure", "visib",
 )  # fmt: skip
+# The origin's recent weather, from the hourly weather table: what the hours before the scheduled
+# one left behind (wet runways, a front passing, ground stops that linger). Looked up only, never
+# sent: each combines the scheduled hour's value (sent or looked up) with the hours before it.
+WEATHER_HISTORY: dict[str, str] = {
+    "precip_3h": "precipitation over the scheduled hour and the 2 before it",
+    "precip_6h": "precipitation over the scheduled hour and the 5 before it",
+    "visib_min_3h": "lowest visibility over the scheduled hour and the 2 before it",
+    "wind_max_3h": "highest wind speed over the scheduled hour and the 2 before it",
+    "pressure_chg_3h": "pressure at the scheduled hour minus 3 hours before (the tendency)",
+    "temp_chg_3h": "temperature at the scheduled hour minus 3 hours before",
+}
+WEATHER_HISTORY_FIELDS = tuple(WEATHER_HISTORY)
+# The looked-up columns behind them: aggregates of the hours *before* the scheduled one, derived
+# once per weather row by :func:`weather_history`. Which scheduled-hour field each combines with,
+# and how (see :func:`combine_history`).
+PAST_WEATHER: dict[str, tuple[str, str, str]] = {
+    # past column: (feature, scheduled-hour field, combination)
+    "precip_prev_2h": ("precip_3h", "precip", "sum"),
+    "precip_prev_5h": ("precip_6h", "precip", "sum"),
+    "visib_min_prev_2h": ("visib_min_3h", "visib", "min"),
+    "wind_max_prev_2h": ("wind_max_3h", "wind_speed", "max"),
+    "pressure_3h_before": ("pressure_chg_3h", "pressure", "minus"),
+    "temp_3h_before": ("temp_chg_3h", "temp", "minus"),
+}
+PAST_WEATHER_FIELDS = tuple(PAST_WEATHER)
 # Observed after departure: never a feature (a test pins this).
 POST_DEPARTURE = frozenset({"dep_time", "dep_delay", "arr_time", "arr_delay", "air_time"})
 # Carried along to identify and split rows; not model inputs.
@@ -62,6 +87,12 @@ FEATURES: tuple[Feature, ...] = (
                 f"origin weather at the scheduled hour: {w}")
         for w in WEATHER_FIELDS
     ),
+    *(
+        Feature(h, "numeric", "null when the origin reported none of the hours it covers "
+                "(precipitation, visibility, wind) or not both of its two hours (changes)",
+                f"origin weather history: {description}")
+        for h, description in WEATHER_HISTORY.items()
+    ),
     Feature("plane_age", "numeric", "null for planes missing from the registry or without a "
             "build year; median for the linear baseline", "flight year minus plane build year"),
     Feature("seats", "numeric", "as plane_age", "plane seat count"),
@@ -87,6 +118,75 @@ def _minutes(hhmm: pl.Expr) -> pl.Expr:
     return (hhmm // 100) * 60 + hhmm % 100
 
 
+def weather_history(weather: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
+    """The hourly weather with :data:`PAST_WEATHER_FIELDS`: per origin, aggregates of the hours
+    before each hour, by clock time (a missing hour is missing, never skipped over).
+
+    Sums and extremes skip hours with no value and are null when no hour has one. An hour the
+    table lacks but that follows a recorded one by up to 5 hours gets a row too, with null
+    weather fields: a flight at that hour still has the hours before it.
+    """
+    weather = weather.lazy()
+    hours = (
+        pl.concat(
+            [weather.select("origin", pl.col("time_hour") + pl.duration(hours=k)) for k in range(6)]
+        )
+        .unique()
+        .sort("origin", "time_hour")
+    )
+
+    def before(k: int, field: str) -> pl.LazyFrame:
+        return weather.select(
+            "origin",
+            (pl.col("time_hour") + pl.duration(hours=k)).alias("time_hour"),
+            pl.col(field).cast(pl.Float64).alias(f"__{field}_{k}"),
+        )
+
+    wanted = [(k, "precip") for k in range(1, 6)] + [
+        (1, "visib"), (2, "visib"), (1, "wind_speed"), (2, "wind_speed"),
+        (3, "pressure"), (3, "temp"),
+    ]  # fmt: skip
+    for k, field in wanted:
+        hours = hours.join(before(k, field), on=["origin", "time_hour"], how="left",
+                           maintain_order="left")  # fmt: skip
+
+    def total(*columns: str) -> pl.Expr:
+        return (
+            pl.when(pl.any_horizontal(pl.col(c).is_not_null() for c in columns))
+            .then(pl.sum_horizontal(columns))
+            .otherwise(None)
+        )
+
+    past = hours.select(
+        "origin",
+        "time_hour",
+        total("__precip_1", "__precip_2").alias("precip_prev_2h"),
+        total(*(f"__precip_{k}" for k in range(1, 6))).alias("precip_prev_5h"),
+        pl.min_horizontal("__visib_1", "__visib_2").alias("visib_min_prev_2h"),
+        pl.max_horizontal("__wind_speed_1", "__wind_speed_2").alias("wind_max_prev_2h"),
+        pl.col("__pressure_3").alias("pressure_3h_before"),
+        pl.col("__temp_3").alias("temp_3h_before"),
+    )
+    return past.join(weather, on=["origin", "time_hour"], how="left", maintain_order="left")
+
+
+def combine_history(current: str, past: str, how: str) -> pl.Expr:
+    """A history feature from the scheduled hour's value and the past aggregate (same null
+    rules as the aggregate: a missing side is skipped by sum/min/max, and nulls a change)."""
+    now, before = pl.col(current), pl.col(past)
+    if how == "sum":
+        return (
+            pl.when(now.is_null() & before.is_null())
+            .then(None)
+            .otherwise(now.fill_null(0.0) + before.fill_null(0.0))
+        )
+    if how == "min":
+        return pl.min_horizontal(now, before)
+    if how == "max":
+        return pl.max_horizontal(now, before)
+    return now - before
+
+
 def feature_frame(
     flights: pl.LazyFrame | pl.DataFrame,
     weather: pl.LazyFrame | pl.DataFrame,
@@ -95,8 +195,11 @@ def feature_frame(
     """Join flights with origin weather at the scheduled hour and with planes; derive features.
 
     Weather fields present on a flight row (a booking request may carry them) win over the
-    looked-up values. When ``arr_delay`` is present the label ``delayed`` is added (null where
-    the flight has no arrival delay: cancelled or diverted).
+    looked-up values; the weather history combines them with the hours before. ``weather``
+    either carries :data:`PAST_WEATHER_FIELDS` already (serving derives them once, from the
+    whole table, then passes slices of it) or is the whole hourly table, and they are derived.
+    When ``arr_delay`` is present the label ``delayed`` is added (null where the flight has no
+    arrival delay: cancelled or diverted).
     """
     flights = flights.lazy()
     schema = flights.collect_schema()
@@ -133,8 +236,14 @@ def feature_frame(
     )
     # Rows keep the caller's order through every join: serving answers in request order.
     base = base.join(calendar, on="__hour_key", how="left", maintain_order="left")
-    looked_up = weather.lazy().select(
-        "origin", "time_hour", *(pl.col(w).alias(f"__wx_{w}") for w in WEATHER_FIELDS)
+    weather = weather.lazy()
+    if not set(PAST_WEATHER_FIELDS) <= set(weather.collect_schema().names()):
+        weather = weather_history(weather)
+    looked_up = weather.select(
+        "origin",
+        "time_hour",
+        *(pl.col(w).alias(f"__wx_{w}") for w in WEATHER_FIELDS),
+        *(pl.col(p).cast(pl.Float64).alias(f"__past_{p}") for p in PAST_WEATHER_FIELDS),
     )
     plane_info = planes.lazy().select(
         "tailnum",
@@ -145,11 +254,17 @@ def feature_frame(
     joined = base.join(
         looked_up, on=["origin", "time_hour"], how="left", maintain_order="left"
     ).join(plane_info, on="tailnum", how="left", maintain_order="left")
-    weather_exprs = [
+    # A weather field sent with the booking wins over the looked-up one; the history then
+    # combines that final value with the hours before it.
+    joined = joined.with_columns(
         (pl.coalesce(pl.col(w).cast(pl.Float64), pl.col(f"__wx_{w}")) if w in schema
          else pl.col(f"__wx_{w}").cast(pl.Float64)).alias(w)
         for w in WEATHER_FIELDS
-    ]  # fmt: skip
+    )  # fmt: skip
+    history_exprs = [
+        combine_history(current, f"__past_{past}", how).alias(feature)
+        for past, (feature, current, how) in PAST_WEATHER.items()
+    ]
     label = (
         [
             pl.when(pl.col("arr_delay").is_null())
@@ -174,7 +289,8 @@ def feature_frame(
         ((arr_minutes - dep_minutes) % 1440).cast(pl.Float64).alias("sched_block_minutes"),
         pl.col("weekday"),
         pl.col("distance"),
-        *weather_exprs,
+        *(pl.col(w) for w in WEATHER_FIELDS),
+        *history_exprs,
         (pl.col("year") - pl.col("__plane_year")).cast(pl.Float64).alias("plane_age"),
         pl.col("seats"),
         pl.col("engines"),

@@ -36,16 +36,30 @@ from mlops_assets.features.transform import (
     FEATURE_NAMES,
     NUMERIC_FEATURES,
     ORIGIN_TIME_ZONE,
+    PAST_WEATHER,
+    PAST_WEATHER_FIELDS,
     WEATHER_FIELDS,
+    WEATHER_HISTORY_FIELDS,
+    weather_history,
 )
 from mlops_assets.serve.columnar import Bookings
 
 # The feature list this module implements, in the preprocessing's column order.
 KNOWN_FEATURES = (
     "dep_hour", "dep_minute_of_day", "arr_minute_of_day", "sched_block_minutes", "weekday",
-    "distance", *WEATHER_FIELDS, "plane_age", "seats", "engines", "carrier", "origin", "dest",
+    "distance", *WEATHER_FIELDS, *WEATHER_HISTORY_FIELDS, "plane_age", "seats", "engines",
+    "carrier", "origin", "dest",
 )  # fmt: skip
 _NAN = math.nan
+_WX = len(WEATHER_FIELDS)
+# Each history feature, in feature order: (scheduled-hour field's index, past column's index in
+# the looked-up row, combination).
+_HISTORY = tuple(
+    (WEATHER_FIELDS.index(current), _WX + PAST_WEATHER_FIELDS.index(past), how)
+    for feature in WEATHER_HISTORY_FIELDS
+    for past, (named, current, how) in PAST_WEATHER.items()
+    if named == feature
+)
 
 
 @lru_cache(maxsize=1 << 16)
@@ -69,11 +83,15 @@ class FastMatrix:
         self, weather: pl.DataFrame, planes: pl.DataFrame, preprocessor: Preprocessor
     ) -> None:
         self.weather_keys: dict[str, np.ndarray] = {}
+        # Per origin and hour: the weather fields, then the past-hours aggregates.
         self.weather_values: dict[str, np.ndarray] = {}
+        if not set(PAST_WEATHER_FIELDS) <= set(weather.columns):
+            weather = weather_history(weather).collect()
+        looked_up = (*WEATHER_FIELDS, *PAST_WEATHER_FIELDS)
         frame = weather.select(
             "origin",
             pl.col("time_hour").dt.epoch("us").alias("__us"),
-            *(pl.col(w).cast(pl.Float64) for w in WEATHER_FIELDS),
+            *(pl.col(w).cast(pl.Float64) for w in looked_up),
         ).sort("origin", "__us")
         for (origin,), part in frame.group_by("origin", maintain_order=True):
             if origin is None:
@@ -81,7 +99,7 @@ class FastMatrix:
             keys = part.get_column("__us").to_numpy()
             self.weather_keys[origin] = keys
             self.weather_values[origin] = (
-                part.select(WEATHER_FIELDS).to_numpy(order="c").astype(np.float64, copy=False)
+                part.select(looked_up).to_numpy(order="c").astype(np.float64, copy=False)
             )
         self.weather_origin_index = {o: i for i, o in enumerate(self.weather_keys)}
         self.planes: dict[str, tuple[float | None, float, float]] = {}
@@ -159,6 +177,10 @@ class FastMatrix:
                 else (_NAN if looked_up is None else looked_up[k])
                 for k, given in enumerate(sent)
             ]
+            history = [
+                _combine(weather[now], _NAN if looked_up is None else looked_up[past], how)
+                for now, past, how in _HISTORY
+            ]
             plane = self.planes.get(tailnum) if tailnum is not None else None
             if plane is None:
                 plane_age, seats, engines = _NAN, _NAN, _NAN
@@ -173,6 +195,7 @@ class FastMatrix:
                 float(dt.date(year, month, day).isoweekday()),
                 float(distance),
                 *weather,
+                *history,
                 plane_age,
                 seats,
                 engines,
@@ -202,14 +225,17 @@ class FastMatrix:
         x[:, 4] = (days + 3) % 7 + 1  # 1970-01-01 was a Thursday
         x[:, 5] = _floats(columns["distance"])
         origins = columns["origin"]
-        x[:, 6 : 6 + len(WEATHER_FIELDS)] = self._weather_rows(origins, year, days, dep_hour)
+        looked_up = self._weather_rows(origins, year, days, dep_hour)
+        x[:, 6 : 6 + _WX] = looked_up[:, :_WX]
         for k, w in enumerate(WEATHER_FIELDS):
             given = columns[w]
             if not (isinstance(given, list) and given.count(None) == n):
                 values = _floats(given)
                 sent = ~np.isnan(values)
                 x[sent, 6 + k] = values[sent]
-        plane_at = 6 + len(WEATHER_FIELDS)
+        for j, (now, past, how) in enumerate(_HISTORY):
+            x[:, 6 + _WX + j] = _combine_columns(x[:, 6 + now], looked_up[:, past], how)
+        plane_at = 6 + _WX + len(_HISTORY)
         # map(dict.get, ...) runs the lookups in C: ~3x faster than a comprehension; row
         # numbers then one gather: ~4x faster than building an array from the value tuples.
         rows = np.fromiter(
@@ -231,9 +257,10 @@ class FastMatrix:
         days: np.ndarray,
         hour: np.ndarray,
     ) -> np.ndarray:
-        """Origin weather at each record's scheduled local hour (NaN where none is recorded)."""
+        """Origin weather at each record's scheduled local hour, then the past-hours aggregates
+        (NaN where none is recorded)."""
         n = len(origins)
-        out = np.full((n, len(WEATHER_FIELDS)), _NAN)
+        out = np.full((n, _WX + len(PAST_WEATHER_FIELDS)), _NAN)
         # The instant of each local hour, from a table per year (one gather, no Python loop).
         slot = (days - _days_since_epoch(year, np.ones_like(year), np.ones_like(year))) * 24 + hour
         years = np.unique(year).tolist()
@@ -289,6 +316,30 @@ _ROW_FIELDS = (
 )  # fmt: skip
 
 
+def _combine(now: float, past: float, how: str) -> float:
+    """:func:`~mlops_assets.features.transform.combine_history` for one record (NaN = null)."""
+    if how == "minus":
+        return now - past
+    if now != now:  # a missing side is skipped
+        return past
+    if past != past:
+        return now
+    return now + past if how == "sum" else min(now, past) if how == "min" else max(now, past)
+
+
+def _combine_columns(now: np.ndarray, past: np.ndarray, how: str) -> np.ndarray:
+    """:func:`~mlops_assets.features.transform.combine_history` over columns (NaN = null)."""
+    if how == "minus":
+        return now - past
+    if how == "min":
+        return np.fmin(now, past)
+    if how == "max":
+        return np.fmax(now, past)
+    both_missing = np.isnan(now) & np.isnan(past)
+    total = np.where(np.isnan(now), 0.0, now) + np.where(np.isnan(past), 0.0, past)
+    return np.where(both_missing, _NAN, total)
+
+
 def _ints(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
@@ -327,7 +378,8 @@ def sample_records(weather: pl.DataFrame, planes: pl.DataFrame, n: int = 96) -> 
                 "carrier": ["UA", "B6", "EV", "ZZ"][k % 4], "flight": k + 1,
                 "tailnum": tails[k % len(tails)], "origin": origin if k % 17 else "XYZ",
                 "dest": ["ORD", "ATL", "LAX", "QQQ"][k % 4], "distance": 200.0 + k,
-                **({"temp": 50.5, "visib": 3} if k % 11 == 0 else {}),
+                **({"temp": 50.5, "visib": 3, "precip": 0.02, "pressure": 1012.5}
+                   if k % 11 == 0 else {}),
             }
         )  # fmt: skip
     years = sorted({r["year"] for r in records})

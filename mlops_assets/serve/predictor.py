@@ -36,8 +36,10 @@ import polars as pl
 from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.transform import (
     FEATURE_NAMES,
+    PAST_WEATHER_FIELDS,
     WEATHER_FIELDS,
     build_features,
+    weather_history,
 )
 from mlops_assets.serve.columnar import Bookings
 from mlops_assets.serve.compiled import CompiledTrees, verified_trees
@@ -130,6 +132,7 @@ class Predictor:
     fast_path: bool = True
     """Encode small requests with :class:`FastMatrix` once it has proved equal at load."""
     _weather_index: _RangeIndex = field(init=False, repr=False)
+    _weather_hours: int = field(init=False, repr=False, default=0)
     _fast: FastMatrix | None = field(init=False, repr=False, default=None)
     fast_path_status: str = field(init=False, default="off")
     _trees: CompiledTrees | None = field(init=False, repr=False, default=None)
@@ -153,6 +156,11 @@ class Predictor:
                 raise PredictorError(f"reference table {table} lacks column(s) {missing}")
         if not isinstance(self.weather.schema["time_hour"], pl.Datetime):
             raise PredictorError("reference weather needs a typed (validated) time_hour column")
+        self._weather_hours = self.weather.height
+        # The weather history needs the hours before a record's, which a slice of the table
+        # may not hold: derive it once from the whole table (the slices then carry it).
+        if not set(PAST_WEATHER_FIELDS) <= set(self.weather.columns):
+            self.weather = weather_history(self.weather).collect()
         # Keyed by the UTC date of each weather hour: a local flight date D at any hour falls
         # on UTC date D-1, D or D+1 whatever the origin's offset, so those three keys cover it
         # (and for one origin they are adjacent ranges: a single slice).
@@ -323,7 +331,7 @@ class Predictor:
                 "fast_path": self.fast_path_status,
                 "trees": self.trees_status,
                 "reference_tables": {
-                    "weather_rows": self.weather.height,
+                    "weather_rows": self._weather_hours,
                     "planes_rows": self.planes.height,
                 },
             },
