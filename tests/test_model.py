@@ -107,7 +107,9 @@ def test_first_model_is_trained_evaluated_and_promoted(prepared, tmp_path: Path)
     assert manifest["sha256"] == trained["sha256"]
     names = [f["name"] for f in manifest["features"]]
     assert names and not POST_DEPARTURE & set(names) and "delayed" not in names
-    assert all({"name", "kind", "dtype", "missing"} <= set(f) for f in manifest["features"])
+    assert all(
+        {"name", "kind", "dtype", "missing", "description"} <= set(f) for f in manifest["features"]
+    )
     assert manifest["training"]["months"] == {
         "train": ["2013-01", "2013-02", "2013-03", "2013-04"],
         "valid": ["2013-05"],

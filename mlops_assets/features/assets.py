@@ -91,6 +91,7 @@ def training_set(
             "feature": [f.name for f in FEATURES],
             "kind": [f.kind for f in FEATURES],
             "missing values": [f.missing for f in FEATURES],
+            "description": [f.description for f in FEATURES],
         }
     )
     context.add_output_metadata(

@@ -84,6 +84,7 @@ def challenger_model(
                     "kind": f.kind,
                     "dtype": "float64" if f.kind == "numeric" else "category code (int)",
                     "missing": f.missing,
+                    "description": f.description,
                 }
                 for f in FEATURES
             ],
