@@ -5,7 +5,8 @@
    (not timed). Then one month lands (``land_month``, as ``mlops land`` does) and the clock
    runs until ``GET /healthz`` answers with the new champion: landing sensor → ingest run
    (file → validated → features → drift → performance → retrain decision, then in the same
-   run: training set → Optuna search → evaluation and gate → promotion → in-place swap).
+   run: training set → training (the champion's parameters, or an Optuna search) → evaluation
+   and gate → promotion → in-place swap).
 2. **Bare**: the state before that month is restored and the same work runs as plain function
    calls (the project's functions that the assets call; no Dagster), ending with the same
    in-place swap on the same Ray Serve app: once in a fresh process, timed from its start to
@@ -169,7 +170,13 @@ def bare(home: Path, month: str, before: str) -> dict[str, float]:
     from mlops_assets.monitor.drift import measure_drift
     from mlops_assets.serve.assets import serve_config
     from mlops_assets.serve.deployment import deploy
-    from mlops_assets.train.model import BASE_PARAMS, Matrix, SearchSettings, search
+    from mlops_assets.train.model import (
+        BASE_PARAMS,
+        Matrix,
+        SearchSettings,
+        fit_with_params,
+        search,
+    )
     from mlops_assets.validate.quarantine import validate_table
     from mlops_assets.validate.schemas import TABLES
     from resources import default_resources
@@ -221,7 +228,13 @@ def bare(home: Path, month: str, before: str) -> dict[str, float]:
     preprocessor = Preprocessor.fit(train)
     lap("training set")
     valid = Matrix.from_features(frame.filter(pl.col("split") == "valid"), preprocessor)
-    result = search(Matrix.from_features(train, preprocessor), valid, SearchSettings())
+    train_matrix = Matrix.from_features(train, preprocessor)
+    # As the loop's run does: the champion's tuned parameters, or a search (MLOPS_RETRAIN_SEARCH).
+    result = (
+        fit_with_params(champion.manifest["params"], train_matrix, valid, SearchSettings())
+        if r["retrain_policy"].reuse_champion_params
+        else search(train_matrix, valid, SearchSettings())
+    )
     manifest = registry.register(
         result.booster.model_to_string(), preprocessor.to_json(),
         {"params": {**BASE_PARAMS, **result.params}, "features": [f.name for f in FEATURES],
@@ -229,7 +242,7 @@ def bare(home: Path, month: str, before: str) -> dict[str, float]:
          "training": {"months": {"train": split.train, "valid": split.valid,
                                  "test": split.test}}},
     )  # fmt: skip
-    lap("search + register")
+    lap("train + register")
     test = frame.filter(pl.col("split") == "test")
     y = test.get_column(LABEL).cast(pl.Float64).to_numpy()
     challenger_p = result.booster.predict(Matrix.from_features(test, preprocessor).x)

@@ -22,7 +22,7 @@ code of the feature, split and model modules included), so varying only the gate
 
     python -m benchmarks.replay_retraining                      # the pipeline's default policy
     python -m benchmarks.replay_retraining --refit all         # a policy to compare
-    python -m benchmarks.replay_retraining --retrain-params champion   # retrains reuse params
+    python -m benchmarks.replay_retraining --retrain-params search     # retrains search afresh
     python -m benchmarks.replay_retraining --leaf-refit-decay 0.7      # Booster.refit leaves
     python -m benchmarks.replay_retraining --json .mlops/bench/replay.json
 """
@@ -50,9 +50,9 @@ from mlops_assets.features.transform import FEATURE_NAMES, LABEL, build_features
 from mlops_assets.train import model as model_module
 from mlops_assets.train.model import (
     Matrix,
-    SearchResult,
     SearchSettings,
     fit,
+    fit_with_params,
     search,
 )
 
@@ -91,10 +91,10 @@ class Policy:
     drop: tuple[str, ...] = ()
     """Features blanked to null everywhere (LightGBM then cannot split on them): a stand-in for
     removing them from the feature function, to try before editing it."""
-    retrain_params: str = "search"
-    """Retrains after the first champion: ``search`` = a fresh Optuna search each time;
-    ``champion`` = no search, the serving champion's parameters with early stopping on valid for
-    the round count (``fit_early_stopped``)."""
+    retrain_params: str = "champion"
+    """Retrains after the first champion: ``champion`` (the loop's default since session 17) =
+    no search, the serving champion's parameters with early stopping on valid for the round
+    count (``model.fit_with_params``); ``search`` = a fresh Optuna search each time."""
     early_stopping_rounds: int = SearchSettings.early_stopping_rounds
     leaf_refit_decay: float = 0.0
     """> 0: no new trees; each challenger is the first champion's trees with their leaf values
@@ -174,31 +174,6 @@ class _Weighted:
         model_module.dataset = self.original
 
 
-TUNED = ("learning_rate", "num_leaves", "min_child_samples", "feature_fraction",
-         "bagging_fraction", "lambda_l2", "cat_smooth")  # fmt: skip
-"""The parameters ``model._suggest`` tunes."""
-
-
-def fit_early_stopped(
-    params: dict[str, Any], train: Matrix, valid: Matrix, settings: SearchSettings
-) -> SearchResult:
-    """No search: the given parameters (the champion's), early stopping on the validation split
-    for the round count, then the same deterministic refit as ``model.search``."""
-    started = time.perf_counter()
-    params = {k: v for k, v in params.items() if k in TUNED}
-    train_set = model_module.dataset(train)
-    valid_set = model_module.dataset(valid, reference=train_set)
-    booster = model_module.train_early_stopped(params, train_set, valid_set, settings)
-    rounds = max(1, int(booster.best_iteration))
-    valid_auc = float(booster.best_score["valid"]["auc"])
-    booster = fit(params, train, rounds, seed=settings.seed, num_threads=settings.num_threads)
-    return SearchResult(
-        params=dict(params), best_iteration=rounds, best_valid_auc=valid_auc,
-        trials=pl.DataFrame({"trial": [0], "valid_auc": [valid_auc], "rounds": [rounds]}),
-        booster=booster, seconds=time.perf_counter() - started,
-    )  # fmt: skip
-
-
 def _cache_key(
     policy: Policy, months: dict[str, list[str]], kind: str, params: dict[str, Any] | None = None
 ) -> str:
@@ -254,7 +229,7 @@ def train_candidate(
             result = (
                 search(train_m, valid_m, settings)
                 if params is None
-                else fit_early_stopped(params, train_m, valid_m, settings)
+                else fit_with_params(params, train_m, valid_m, settings)
             )
         booster, params, rounds = result.booster, result.params, result.best_iteration
         valid_auc, seconds, cached = result.best_valid_auc, result.seconds, False
@@ -476,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-auc-gain", type=float, default=GateRules.min_auc_gain)
     parser.add_argument("--gate", choices=["challenger", "holdout-refit"], default="challenger")
     parser.add_argument("--drop", default="", help="comma-separated features to blank")
-    parser.add_argument("--retrain-params", choices=["search", "champion"], default="search")
+    parser.add_argument("--retrain-params", choices=["search", "champion"], default="champion")
     parser.add_argument(
         "--early-stopping-rounds", type=int, default=SearchSettings.early_stopping_rounds
     )

@@ -64,5 +64,6 @@ def default_resources() -> dict[str, Any]:
         "retrain_policy": RetrainPolicyResource(
             cooldown_seconds=int(os.environ.get("MLOPS_RETRAIN_COOLDOWN_SECONDS") or 120),
             n_trials=int(os.environ.get("MLOPS_RETRAIN_TRIALS") or 0),
+            reuse_champion_params=not _flag("MLOPS_RETRAIN_SEARCH"),
         ),
     }

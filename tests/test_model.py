@@ -14,13 +14,15 @@ from typing import Any
 import dagster as dg
 import lightgbm as lgb
 import numpy as np
+import optuna
 import polars as pl
 import pytest
 
 from mlops_assets.definitions import defs
 from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.transform import POST_DEPARTURE, build_features
-from mlops_assets.train.model import Matrix
+from mlops_assets.train import model as model_module
+from mlops_assets.train.model import TUNED_PARAMS, Matrix
 from resources import default_resources
 from resources.files import land_month
 from resources.registry import ModelRegistryResource
@@ -256,3 +258,34 @@ def test_batch_predictions_score_a_month_with_the_champion(prepared, tmp_path: P
     )  # fmt: skip
     expected = booster.predict(Matrix.from_features(features, preprocessor).x)
     assert np.allclose(scored["delay_probability"].to_numpy(), expected)
+
+
+def test_a_retrain_can_reuse_the_champion_s_tuned_parameters(prepared, tmp_path: Path) -> None:
+    """The loop's retrains skip the search: the champion's tuned values, early stopping for the
+    rounds. With no champion yet the same config searches."""
+    reuse = {
+        "ops": {"challenger_model": {"config": {"n_trials": 2, "reuse_champion_params": True}}}
+    }
+    resources = with_registry(prepared, tmp_path / "registry")
+    first = metadata(run(prepared, resources, ["challenger_model"], reuse), "challenger_model")
+    assert first["params_from"] == "search" and first["trials"] == 2
+    registry = resources["registry"]
+    registry.promote(first["version"], "test: a champion to reuse")
+    retrained = metadata(run(prepared, resources, ["challenger_model"], reuse), "challenger_model")
+    assert retrained["params_from"] == f"champion {first['version']}"
+    assert retrained["trials"] == 1 and "REUSED" in retrained["trial_table"]
+    champion = registry.manifest(first["version"])["params"]
+    challenger = registry.manifest(retrained["version"])["params"]
+    assert {k: challenger[k] for k in TUNED_PARAMS} == {k: champion[k] for k in TUNED_PARAMS}
+    assert challenger["num_boost_round"] == retrained["rounds"] >= 1
+    assert registry.manifest(retrained["version"])["search"]["params_from"] == (
+        f"champion {first['version']}"
+    )
+
+
+def test_the_search_tunes_exactly_the_parameters_a_retrain_reuses() -> None:
+    trial = optuna.trial.FixedTrial(
+        {"learning_rate": 0.1, "num_leaves": 31, "min_child_samples": 50,
+         "feature_fraction": 0.8, "bagging_fraction": 0.8, "lambda_l2": 1.0, "cat_smooth": 10.0}
+    )  # fmt: skip
+    assert tuple(model_module._suggest(trial)) == TUNED_PARAMS

@@ -7,8 +7,10 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
-from mlops_assets.monitor import policy
+from mlops_assets.monitor import policy, sensors
+from resources import default_resources
 from resources.registry import ModelRegistryResource
 from resources.retrain_policy import RetrainPolicyResource
 
@@ -100,3 +102,25 @@ def test_a_decision_made_outside_the_ingest_job_holds_the_retrain_for_the_sensor
     assert decision["action"] == "retrain" and decision["retrain_in_run"] is False
     assert decision["ingest_run"] == result.run_id
     assert set(policy.waiting_months(instance, registry)) == {"2013-03"}
+
+
+def test_loop_retrains_reuse_the_champion_s_parameters_unless_told_to_search(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def trainer(config: dict[str, object]) -> dict[str, object]:
+        return config["ops"]["challenger_model"]["config"]  # type: ignore[index]
+
+    assert trainer(sensors._retrain_config(RetrainPolicyResource())) == {
+        "reuse_champion_params": True
+    }
+    searching = RetrainPolicyResource(n_trials=4, reuse_champion_params=False)
+    assert trainer(sensors._retrain_config(searching)) == {
+        "reuse_champion_params": False, "n_trials": 4
+    }  # fmt: skip
+    monkeypatch.delenv("MLOPS_RETRAIN_SEARCH", raising=False)
+    assert default_resources()["retrain_policy"].reuse_champion_params is True
+    monkeypatch.setenv("MLOPS_RETRAIN_SEARCH", "1")
+    assert default_resources()["retrain_policy"].reuse_champion_params is False
+    monkeypatch.setenv("MLOPS_RETRAIN_SEARCH", "yes")
+    with pytest.raises(ValueError, match="MLOPS_RETRAIN_SEARCH must be 0 or 1"):
+        default_resources()

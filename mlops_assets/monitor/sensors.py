@@ -80,10 +80,12 @@ retrain_job = dg.define_asset_job(
 )
 
 
-def _trials_config(policy: RetrainPolicyResource) -> dict[str, object]:
-    if not policy.n_trials:
-        return {}
-    return {"ops": {"challenger_model": {"config": {"n_trials": policy.n_trials}}}}
+def _retrain_config(policy: RetrainPolicyResource) -> dict[str, object]:
+    """``challenger_model``'s run config for the loop's runs (the schedule's runs have none)."""
+    config: dict[str, object] = {"reuse_champion_params": policy.reuse_champion_params}
+    if policy.n_trials:
+        config["n_trials"] = policy.n_trials
+    return {"ops": {"challenger_model": {"config": config}}}
 
 
 @dg.sensor(
@@ -117,7 +119,7 @@ def landing_sensor(
             dg.RunRequest(
                 run_key=f"{month}:{digest[:16]}",
                 partition_key=month,
-                run_config=_trials_config(retrain_policy),
+                run_config=_retrain_config(retrain_policy),
                 tags={"mlops/landed_file": path.name, "mlops/sha256": digest},
             )
         )
@@ -196,7 +198,7 @@ def retrain_sensor(
             requests.append(
                 dg.RunRequest(
                     run_key=f"retrain:{'+'.join(months)}:{key}",
-                    run_config=_trials_config(retrain_policy),
+                    run_config=_retrain_config(retrain_policy),
                     tags={
                         "mlops/trigger": "monitor",
                         "mlops/months": ",".join(months),

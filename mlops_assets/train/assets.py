@@ -1,5 +1,8 @@
 """The challenger: LightGBM tuned with Optuna on the training split, stored in the registry."""
 
+import os
+import socket
+
 import dagster as dg
 import polars as pl
 
@@ -9,8 +12,8 @@ from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.transform import FEATURES, LABEL
 from mlops_assets.metadata import latest_materialization, markdown_table
 from mlops_assets.train.mlflow_bridge import MlflowResource
-from mlops_assets.train.model import BASE_PARAMS, Matrix, SearchSettings
-from mlops_assets.train.on_ray import run_search
+from mlops_assets.train.model import BASE_PARAMS, Matrix, SearchSettings, fit_with_params
+from mlops_assets.train.on_ray import TrainedWhere, run_search
 from mlops_assets.version import code_version
 from resources.ray import RayResource
 from resources.registry import ModelRegistryResource
@@ -25,6 +28,10 @@ class TrainConfig(dg.Config):
     of trials, and so the model bytes, depend on the machine's speed)."""
     seed: int = 13
     num_threads: int = 2
+    reuse_champion_params: bool = False
+    """Skip the search: train with the serving champion's tuned parameters, early stopping on
+    the validation months for the round count (the retraining loop's runs set it; with no
+    champion yet, the search runs)."""
 
 
 def _partition_versions(
@@ -63,7 +70,16 @@ def challenger_model(
     valid = Matrix.from_features(splits["valid"], preprocessor)
     # In this process by default; a Ray task on the cluster when RAY_ADDRESS is set.
     train = Matrix.from_features(splits["train"], preprocessor)
-    result, where = run_search(train, valid, settings, ray_serve)
+    champion = registry.champion() if config.reuse_champion_params else None
+    if champion is not None:
+        # One early-stopped fit instead of a search: cheap, so it runs here even with a cluster.
+        result = fit_with_params(registry.manifest(champion)["params"], train, valid, settings)
+        where = TrainedWhere(mode="in-process", pid=os.getpid(), hostname=socket.gethostname())
+        params_from = f"champion {champion}"
+    else:
+        result, where = run_search(train, valid, settings, ray_serve)
+        params_from = "search"
+    context.log.info(f"parameters: {params_from}")
     valid_metrics = binary_metrics(valid.y, result.booster.predict(valid.x), threshold=0.5)
     months = {s: sorted(f.get_column("month_key").unique().to_list()) for s, f in splits.items()}
     training_set_version = latest_materialization(context.instance, dg.AssetKey("training_set"))
@@ -90,6 +106,7 @@ def challenger_model(
             ],
             "metrics": {f"valid_{k}": v for k, v in valid_metrics.items()},
             "search": {
+                "params_from": params_from,
                 "trials": result.trials.height,
                 "pruned": result.pruned,
                 "seconds": round(result.seconds, 2),
@@ -125,6 +142,7 @@ def challenger_model(
             "sha256": dg.MetadataValue.text(manifest["sha256"]),
             "valid_auc": dg.MetadataValue.float(result.best_valid_auc),
             "rounds": dg.MetadataValue.int(result.best_iteration),
+            "params_from": dg.MetadataValue.text(params_from),
             "trials": dg.MetadataValue.int(result.trials.height),
             "pruned_trials": dg.MetadataValue.int(result.pruned),
             "search_seconds": dg.MetadataValue.float(round(result.seconds, 2)),

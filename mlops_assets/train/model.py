@@ -167,5 +167,31 @@ def search(train: Matrix, valid: Matrix, settings: SearchSettings) -> SearchResu
     )
 
 
+TUNED_PARAMS = ("learning_rate", "num_leaves", "min_child_samples", "feature_fraction",
+                "bagging_fraction", "lambda_l2", "cat_smooth")  # fmt: skip
+"""The parameters the search tunes (``_suggest``): what a retrain can reuse from a champion."""
+
+
+def fit_with_params(
+    params: dict[str, Any], train: Matrix, valid: Matrix, settings: SearchSettings
+) -> SearchResult:
+    """No search: ``params``' tuned values (a champion's), early stopping on the validation
+    split for the round count, then the same deterministic refit as :func:`search`."""
+    started = time.perf_counter()
+    params = {k: v for k, v in params.items() if k in TUNED_PARAMS}
+    train_set = dataset(train)
+    valid_set = dataset(valid, reference=train_set)
+    booster = train_early_stopped(params, train_set, valid_set, settings)
+    rounds = max(1, int(booster.best_iteration))
+    valid_auc = float(booster.best_score["valid"]["auc"])
+    booster = fit(params, train, rounds, seed=settings.seed, num_threads=settings.num_threads)
+    return SearchResult(
+        params=dict(params), best_iteration=rounds, best_valid_auc=valid_auc,
+        trials=pl.DataFrame({"trial": [0], "state": ["REUSED"], "valid_auc": [valid_auc],
+                             "rounds": [rounds]}),
+        booster=booster, seconds=time.perf_counter() - started,
+    )  # fmt: skip
+
+
 def predict(model_text: str, x: np.ndarray) -> np.ndarray:
     return lgb.Booster(model_str=model_text).predict(x)
