@@ -34,31 +34,47 @@ BOOKING_COLUMNS: dict[str, pl.DataType] = {
 WEATHER_FIELDS = (
     "temp", "dewp", "humid", "wind_dir", "wind_speed", "wind_gust", "precip", "pressure", "visib",
 )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class History:
+    """A weather-history feature: the scheduled hour's ``field`` combined with the hours before
+    it. ``how`` sum/min/max: over the scheduled hour and the ``hours - 1`` before it (a missing
+    hour is skipped; null when all are missing); change: the scheduled hour minus ``hours``
+    before (null when either is missing)."""
+
+    field: str
+    hours: int
+    how: Literal["sum", "min", "max", "change"]
+    description: str
+
+    @property
+    def past_hours(self) -> range:
+        """How many hours before the scheduled one the looked-up part reads."""
+        return range(self.hours, self.hours + 1) if self.how == "change" else range(1, self.hours)
+
+
 # The origin's recent weather, from the hourly weather table: what the hours before the scheduled
 # one left behind (wet runways, a front passing, ground stops that linger). Looked up only, never
-# sent: each combines the scheduled hour's value (sent or looked up) with the hours before it.
-WEATHER_HISTORY: dict[str, str] = {
-    "precip_3h": "precipitation over the scheduled hour and the 2 before it",
-    "precip_6h": "precipitation over the scheduled hour and the 5 before it",
-    "visib_min_3h": "lowest visibility over the scheduled hour and the 2 before it",
-    "wind_max_3h": "highest wind speed over the scheduled hour and the 2 before it",
-    "pressure_chg_3h": "pressure at the scheduled hour minus 3 hours before (the tendency)",
-    "temp_chg_3h": "temperature at the scheduled hour minus 3 hours before",
-}
+# sent; the scheduled hour's own value may be sent.
+WEATHER_HISTORY: dict[str, History] = {
+    "precip_3h": History("precip", 3, "sum",
+                         "precipitation over the scheduled hour and the 2 before it"),
+    "precip_6h": History("precip", 6, "sum",
+                         "precipitation over the scheduled hour and the 5 before it"),
+    "visib_min_3h": History("visib", 3, "min",
+                            "lowest visibility over the scheduled hour and the 2 before it"),
+    "wind_max_3h": History("wind_speed", 3, "max",
+                           "highest wind speed over the scheduled hour and the 2 before it"),
+    "pressure_chg_3h": History("pressure", 3, "change",
+                               "pressure at the scheduled hour minus 3 hours before"),
+    "temp_chg_3h": History("temp", 3, "change",
+                           "temperature at the scheduled hour minus 3 hours before"),
+}  # fmt: skip
 WEATHER_HISTORY_FIELDS = tuple(WEATHER_HISTORY)
-# The looked-up columns behind them: aggregates of the hours *before* the scheduled one, derived
-# once per weather row by :func:`weather_history`. Which scheduled-hour field each combines with,
-# and how (see :func:`combine_history`).
-PAST_WEATHER: dict[str, tuple[str, str, str]] = {
-    # past column: (feature, scheduled-hour field, combination)
-    "precip_prev_2h": ("precip_3h", "precip", "sum"),
-    "precip_prev_5h": ("precip_6h", "precip", "sum"),
-    "visib_min_prev_2h": ("visib_min_3h", "visib", "min"),
-    "wind_max_prev_2h": ("wind_max_3h", "wind_speed", "max"),
-    "pressure_3h_before": ("pressure_chg_3h", "pressure", "minus"),
-    "temp_3h_before": ("temp_chg_3h", "temp", "minus"),
-}
-PAST_WEATHER_FIELDS = tuple(PAST_WEATHER)
+# The looked-up part of each (the hours before the scheduled one), derived once per weather
+# row by :func:`weather_history`, in the same order.
+PAST_WEATHER_FIELDS = tuple(f"past_{feature}" for feature in WEATHER_HISTORY)
 # Observed after departure: never a feature (a test pins this).
 POST_DEPARTURE = frozenset({"dep_time", "dep_delay", "arr_time", "arr_delay", "air_time"})
 # Carried along to identify and split rows; not model inputs.
@@ -88,10 +104,10 @@ FEATURES: tuple[Feature, ...] = (
         for w in WEATHER_FIELDS
     ),
     *(
-        Feature(h, "numeric", "null when the origin reported none of the hours it covers "
+        Feature(name, "numeric", "null when the origin reported none of the hours it covers "
                 "(precipitation, visibility, wind) or not both of its two hours (changes)",
-                f"origin weather history: {description}")
-        for h, description in WEATHER_HISTORY.items()
+                f"origin weather history: {history.description}")
+        for name, history in WEATHER_HISTORY.items()
     ),
     Feature("plane_age", "numeric", "null for planes missing from the registry or without a "
             "build year; median for the linear baseline", "flight year minus plane build year"),
@@ -119,72 +135,67 @@ def _minutes(hhmm: pl.Expr) -> pl.Expr:
 
 
 def weather_history(weather: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
-    """The hourly weather with :data:`PAST_WEATHER_FIELDS`: per origin, aggregates of the hours
-    before each hour, by clock time (a missing hour is missing, never skipped over).
+    """The hourly weather with :data:`PAST_WEATHER_FIELDS`: per origin, the part of each
+    :data:`WEATHER_HISTORY` feature that the hours before each hour hold, by clock time (a
+    missing hour is missing, never skipped over).
 
-    Sums and extremes skip hours with no value and are null when no hour has one. An hour the
-    table lacks but that follows a recorded one by up to 5 hours gets a row too, with null
-    weather fields: a flight at that hour still has the hours before it.
+    An hour the table lacks but that follows a recorded one within the longest window gets a
+    row too, with null weather fields: a flight at that hour still has the hours before it.
     """
     weather = weather.lazy()
+    reach = max(max(h.past_hours) for h in WEATHER_HISTORY.values())
     hours = (
         pl.concat(
-            [weather.select("origin", pl.col("time_hour") + pl.duration(hours=k)) for k in range(6)]
+            weather.select("origin", pl.col("time_hour") + pl.duration(hours=k))
+            for k in range(reach + 1)
         )
         .unique()
         .sort("origin", "time_hour")
     )
-
-    def before(k: int, field: str) -> pl.LazyFrame:
-        return weather.select(
+    # One self-join per (field, hours before) that some feature reads.
+    for field, k in sorted({(h.field, k) for h in WEATHER_HISTORY.values() for k in h.past_hours}):
+        earlier = weather.select(
             "origin",
             (pl.col("time_hour") + pl.duration(hours=k)).alias("time_hour"),
             pl.col(field).cast(pl.Float64).alias(f"__{field}_{k}"),
         )
+        hours = hours.join(earlier, on=["origin", "time_hour"], how="left", maintain_order="left")
 
-    wanted = [(k, "precip") for k in range(1, 6)] + [
-        (1, "visib"), (2, "visib"), (1, "wind_speed"), (2, "wind_speed"),
-        (3, "pressure"), (3, "temp"),
-    ]  # fmt: skip
-    for k, field in wanted:
-        hours = hours.join(before(k, field), on=["origin", "time_hour"], how="left",
-                           maintain_order="left")  # fmt: skip
+    def past(h: History) -> pl.Expr:
+        columns = [f"__{h.field}_{k}" for k in h.past_hours]
+        if h.how == "min":
+            return pl.min_horizontal(columns)
+        if h.how == "max":
+            return pl.max_horizontal(columns)
+        if h.how == "sum":
+            return pl.when(pl.any_horizontal(pl.col(c).is_not_null() for c in columns)).then(
+                pl.sum_horizontal(columns)
+            )
+        return pl.col(columns[0])
 
-    def total(*columns: str) -> pl.Expr:
-        return (
-            pl.when(pl.any_horizontal(pl.col(c).is_not_null() for c in columns))
-            .then(pl.sum_horizontal(columns))
-            .otherwise(None)
-        )
-
-    past = hours.select(
+    derived = hours.select(
         "origin",
         "time_hour",
-        total("__precip_1", "__precip_2").alias("precip_prev_2h"),
-        total(*(f"__precip_{k}" for k in range(1, 6))).alias("precip_prev_5h"),
-        pl.min_horizontal("__visib_1", "__visib_2").alias("visib_min_prev_2h"),
-        pl.max_horizontal("__wind_speed_1", "__wind_speed_2").alias("wind_max_prev_2h"),
-        pl.col("__pressure_3").alias("pressure_3h_before"),
-        pl.col("__temp_3").alias("temp_3h_before"),
-    )
-    return past.join(weather, on=["origin", "time_hour"], how="left", maintain_order="left")
+        *(past(h).alias(p) for h, p in zip(WEATHER_HISTORY.values(), PAST_WEATHER_FIELDS,
+                                           strict=True)),
+    )  # fmt: skip
+    return derived.join(weather, on=["origin", "time_hour"], how="left", maintain_order="left")
 
 
-def combine_history(current: str, past: str, how: str) -> pl.Expr:
-    """A history feature from the scheduled hour's value and the past aggregate (same null
-    rules as the aggregate: a missing side is skipped by sum/min/max, and nulls a change)."""
-    now, before = pl.col(current), pl.col(past)
-    if how == "sum":
+def combine_history(history: History, now: pl.Expr, past: pl.Expr) -> pl.Expr:
+    """A history feature from the scheduled hour's value and its looked-up past (a missing side
+    is skipped by sum/min/max, and nulls a change)."""
+    if history.how == "sum":
         return (
-            pl.when(now.is_null() & before.is_null())
+            pl.when(now.is_null() & past.is_null())
             .then(None)
-            .otherwise(now.fill_null(0.0) + before.fill_null(0.0))
+            .otherwise(now.fill_null(0.0) + past.fill_null(0.0))
         )
-    if how == "min":
-        return pl.min_horizontal(now, before)
-    if how == "max":
-        return pl.max_horizontal(now, before)
-    return now - before
+    if history.how == "min":
+        return pl.min_horizontal(now, past)
+    if history.how == "max":
+        return pl.max_horizontal(now, past)
+    return now - past
 
 
 def feature_frame(
@@ -243,7 +254,7 @@ def feature_frame(
         "origin",
         "time_hour",
         *(pl.col(w).alias(f"__wx_{w}") for w in WEATHER_FIELDS),
-        *(pl.col(p).cast(pl.Float64).alias(f"__past_{p}") for p in PAST_WEATHER_FIELDS),
+        *(pl.col(p).cast(pl.Float64).alias(f"__{p}") for p in PAST_WEATHER_FIELDS),
     )
     plane_info = planes.lazy().select(
         "tailnum",
@@ -262,8 +273,8 @@ def feature_frame(
         for w in WEATHER_FIELDS
     )  # fmt: skip
     history_exprs = [
-        combine_history(current, f"__past_{past}", how).alias(feature)
-        for past, (feature, current, how) in PAST_WEATHER.items()
+        combine_history(h, pl.col(h.field), pl.col(f"__{p}")).alias(name)
+        for (name, h), p in zip(WEATHER_HISTORY.items(), PAST_WEATHER_FIELDS, strict=True)
     ]
     label = (
         [

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
@@ -36,9 +37,9 @@ from mlops_assets.features.transform import (
     FEATURE_NAMES,
     NUMERIC_FEATURES,
     ORIGIN_TIME_ZONE,
-    PAST_WEATHER,
     PAST_WEATHER_FIELDS,
     WEATHER_FIELDS,
+    WEATHER_HISTORY,
     WEATHER_HISTORY_FIELDS,
     weather_history,
 )
@@ -55,10 +56,7 @@ _WX = len(WEATHER_FIELDS)
 # Each history feature, in feature order: (scheduled-hour field's index, past column's index in
 # the looked-up row, combination).
 _HISTORY = tuple(
-    (WEATHER_FIELDS.index(current), _WX + PAST_WEATHER_FIELDS.index(past), how)
-    for feature in WEATHER_HISTORY_FIELDS
-    for past, (named, current, how) in PAST_WEATHER.items()
-    if named == feature
+    (WEATHER_FIELDS.index(h.field), _WX + i, h.how) for i, h in enumerate(WEATHER_HISTORY.values())
 )
 
 
@@ -318,18 +316,21 @@ _ROW_FIELDS = (
 
 def _combine(now: float, past: float, how: str) -> float:
     """:func:`~mlops_assets.features.transform.combine_history` for one record (NaN = null)."""
-    if how == "minus":
+    if how == "change":
         return now - past
     if now != now:  # a missing side is skipped
         return past
     if past != past:
         return now
-    return now + past if how == "sum" else min(now, past) if how == "min" else max(now, past)
+    return _COMBINE[how](now, past)
+
+
+_COMBINE = {"sum": operator.add, "min": min, "max": max}
 
 
 def _combine_columns(now: np.ndarray, past: np.ndarray, how: str) -> np.ndarray:
     """:func:`~mlops_assets.features.transform.combine_history` over columns (NaN = null)."""
-    if how == "minus":
+    if how == "change":
         return now - past
     if how == "min":
         return np.fmin(now, past)

@@ -1,8 +1,5 @@
 """The challenger: LightGBM tuned with Optuna on the training split, stored in the registry."""
 
-import os
-import socket
-
 import dagster as dg
 import polars as pl
 
@@ -74,7 +71,7 @@ def challenger_model(
     if champion is not None:
         # One early-stopped fit instead of a search: cheap, so it runs here even with a cluster.
         result = fit_with_params(registry.manifest(champion)["params"], train, valid, settings)
-        where = TrainedWhere(mode="in-process", pid=os.getpid(), hostname=socket.gethostname())
+        where = TrainedWhere.here()
         params_from = f"champion {champion}"
     else:
         result, where = run_search(train, valid, settings, ray_serve)

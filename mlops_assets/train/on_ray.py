@@ -41,6 +41,11 @@ class TrainedWhere:
     address: str | None = None
     node_id: str | None = None
 
+    @classmethod
+    def here(cls) -> TrainedWhere:
+        """This process."""
+        return cls(mode="in-process", pid=os.getpid(), hostname=socket.gethostname())
+
     def describe(self) -> str:
         if self.mode == "ray":
             return (
@@ -161,4 +166,4 @@ def run_search(
     if ray_resource is not None and not ray_resource.is_local:
         return search_on_cluster(train, valid, settings, ray_resource)
     result = search(train, valid, settings)
-    return result, TrainedWhere(mode="in-process", pid=os.getpid(), hostname=socket.gethostname())
+    return result, TrainedWhere.here()
