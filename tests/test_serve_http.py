@@ -15,7 +15,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -364,6 +364,25 @@ def test_compiled_trees_split_large_batches_with_one_helper_thread(
             )
 
 
+def _passes_in_a_forked_child(check: Callable[[], bool]) -> None:
+    """Run ``check`` in a forked child; fail if it is false, raises or never returns."""
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only when the check holds
+        code = 1
+        try:
+            code = 0 if check() else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done == (0, 0):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child never got its answer")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
 def test_a_forked_child_splits_compiled_predictions_too(
     tables: dict[str, pl.DataFrame], trained: dict[str, Any]
 ) -> None:
@@ -373,21 +392,30 @@ def test_a_forked_child_splits_compiled_predictions_too(
     trees = compiled.CompiledTrees.compile(predictor.booster)
     x = predictor.matrix(booking_records(tables["flights"].head(compiled.SPLIT_MIN_ROWS * 2)))
     expected = trees.predict(x)  # the parent's helper thread is running now
-    pid = os.fork()
-    if pid == 0:  # the child: exit 0 only with the same answer
-        code = 1
-        try:
-            code = 0 if np.array_equal(trees.predict(x), expected) else 1
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + 60
-    while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if done == (0, 0):
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        pytest.fail("the forked child never got its split prediction back")
-    assert os.waitstatus_to_exitcode(done[1]) == 0
+    _passes_in_a_forked_child(lambda: np.array_equal(trees.predict(x), expected))
+
+
+def test_a_forked_child_scores_large_batches_on_its_own_pool(
+    tables: dict[str, pl.DataFrame],
+) -> None:
+    """The scoring pool's threads do not survive a fork either: the child's large batches go
+    to a new pool instead of waiting for ever on the parent's threads."""
+
+    class Scorer:  # the pool is under test, not LightGBM (whose OpenMP a fork does not like)
+        trees_compiled = False
+
+        @staticmethod
+        def score(bookings: Bookings) -> np.ndarray:
+            assert threading.current_thread().name.startswith("mlops-score")
+            return np.arange(bookings.n, dtype=np.float64)
+
+    large = Bookings.from_records(booking_records(tables["flights"].head(INLINE_MAX_RECORDS + 1)))
+    expected = np.arange(large.n, dtype=np.float64)
+    scored = asyncio.run(default_scorer(Scorer(), large))  # type: ignore[arg-type]
+    assert np.array_equal(scored, expected)  # the parent's pool has a thread now
+    _passes_in_a_forked_child(
+        lambda: np.array_equal(asyncio.run(default_scorer(Scorer(), large)), expected)  # type: ignore[arg-type]
+    )
 
 
 def test_background_work_runs_at_a_lower_priority() -> None:

@@ -27,6 +27,7 @@ import hmac
 import json
 import logging
 import math
+import os
 import re
 import time
 import uuid
@@ -245,6 +246,16 @@ SCORING_THREADS = 4
 # every large request, and LightGBM's OpenMP a new thread team with it (measured: 469 threads
 # created in 4 s at one client).
 SCORING_POOL = ThreadPoolExecutor(SCORING_THREADS, thread_name_prefix="mlops-score")
+
+
+def _scoring_pool_after_fork() -> None:
+    # A forked child has none of the parent's threads, but a pool that started some believes
+    # it still has them: a batch submitted in the child would wait forever.
+    global SCORING_POOL
+    SCORING_POOL = ThreadPoolExecutor(SCORING_THREADS, thread_name_prefix="mlops-score")
+
+
+os.register_at_fork(after_in_child=_scoring_pool_after_fork)
 
 
 async def default_scorer(predictor: Predictor, bookings: Bookings) -> np.ndarray:
