@@ -5,8 +5,9 @@
    (not timed). Then one month lands (``land_month``, as ``mlops land`` does) and the clock
    runs until ``GET /healthz`` answers with the new champion: landing sensor → ingest run
    (file → validated → features → drift → performance → retrain decision, then in the same
-   run: training set → training (the champion's parameters, or an Optuna search) → evaluation
-   and gate → promotion → in-place swap).
+   run: training set → training (the champion's parameters, or an Optuna search, then a fit
+   on train + valid) → evaluation and gate → the refit on every landed month, promotion →
+   in-place swap).
 2. **Bare**: the state before that month is restored and the same work runs as plain function
    calls (the project's functions that the assets call; no Dagster), ending with the same
    in-place swap on the same Ray Serve app: once in a fresh process, timed from its start to
@@ -174,6 +175,7 @@ def bare(home: Path, month: str, before: str) -> dict[str, float]:
         BASE_PARAMS,
         Matrix,
         SearchSettings,
+        fit,
         fit_with_params,
         search,
     )
@@ -235,8 +237,16 @@ def bare(home: Path, month: str, before: str) -> dict[str, float]:
         if r["retrain_policy"].reuse_champion_params
         else search(train_matrix, valid, SearchSettings())
     )
+    binary_metrics(valid.y, result.booster.predict(valid.x), 0.5)
+    # Then fit on train + valid, as challenger_model does.
+    fitted = frame.filter(pl.col("split") != "test")
+    fit_pre = Preprocessor.fit(fitted)
+    defaults = SearchSettings()
+    rounds, seed, threads = result.best_iteration, defaults.seed, defaults.num_threads
+    challenger = fit(result.params, Matrix.from_features(fitted, fit_pre), rounds, seed=seed,
+                     num_threads=threads)  # fmt: skip
     manifest = registry.register(
-        result.booster.model_to_string(), preprocessor.to_json(),
+        challenger.model_to_string(), fit_pre.to_json(),
         {"params": {**BASE_PARAMS, **result.params}, "features": [f.name for f in FEATURES],
          "metrics": {"valid_auc": result.best_valid_auc},
          "training": {"months": {"train": split.train, "valid": split.valid,
@@ -245,14 +255,14 @@ def bare(home: Path, month: str, before: str) -> dict[str, float]:
     lap("train + register")
     test = frame.filter(pl.col("split") == "test")
     y = test.get_column(LABEL).cast(pl.Float64).to_numpy()
-    challenger_p = result.booster.predict(Matrix.from_features(test, preprocessor).x)
+    challenger_p = challenger.predict(Matrix.from_features(test, fit_pre).x)
     champion_p = booster.predict(Matrix.from_features(test, old_pre).x)
     linear = LogisticRegression(C=1.0, max_iter=500, random_state=0, solver="newton-cholesky")
-    linear.fit(preprocessor.transform_linear(train), train.get_column(LABEL).to_numpy())
-    logistic_p = linear.predict_proba(preprocessor.transform_linear(test))[:, 1]
+    linear.fit(fit_pre.transform_linear(fitted), fitted.get_column(LABEL).to_numpy())
+    logistic_p = linear.predict_proba(fit_pre.transform_linear(test))[:, 1]
     threshold = best_f1_threshold(valid.y, result.booster.predict(valid.x))
     scores = {"challenger": challenger_p, "champion": champion_p, "logistic": logistic_p,
-              "base_rate": np.full(len(y), float(train.get_column(LABEL).mean()))}  # fmt: skip
+              "base_rate": np.full(len(y), float(fitted.get_column(LABEL).mean()))}  # fmt: skip
     metrics = {k: binary_metrics(y, p, threshold) for k, p in scores.items()}
     plot_curves([Scored(k, y, p) for k, p in scores.items()], "frozen set")
     plot_calibration_and_confusion(Scored("challenger", y, challenger_p), threshold, "frozen")
@@ -261,6 +271,13 @@ def bare(home: Path, month: str, before: str) -> dict[str, float]:
                      GateRules())  # fmt: skip
     lap("evaluation + gate")
     if verdict.passed:
+        # As champion_model does: the same parameters and rounds refit on every landed month.
+        all_pre = Preprocessor.fit(frame)
+        refit = fit(result.params, Matrix.from_features(frame, all_pre), rounds, seed=seed,
+                    num_threads=threads)  # fmt: skip
+        refit.predict(Matrix.from_features(test, all_pre).x)
+        of = {"refit_of": {"version": manifest["version"]}}
+        manifest = registry.register(refit.model_to_string(), all_pre.to_json(), manifest | of)
         registry.promote(manifest["version"], verdict.reason)
         settings = serve_config(registry, warehouse, r["ray_serve"], r["prediction_log_files"])
         r["ray_serve"].ensure_connected()

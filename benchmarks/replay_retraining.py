@@ -14,6 +14,12 @@ test month against the base-rate and logistic baselines). That model, never repl
 3. if the gate passes, the challenger serves from month m + 1 (``--refit``: its parameters
    and round count refit on train + valid, or on train + valid + test).
 
+The defaults are the pipeline's policy (since session 18): the gate scores the challenger's
+parameters and rounds fit on train + valid (``--gate holdout-refit``, what ``challenger_model``
+registers), with a -0.005 non-inferiority margin, and what serves is the same refit on every
+landed month (``--refit all``, what ``champion_model`` registers). The never-retrained model is
+then the first champion refit on Jan–Jun.
+
 The same plain functions as the Dagster assets, no Dagster: ``build_features``,
 ``split_months``/``assign_splits``, ``Preprocessor``, ``Matrix``/``search``/``fit``,
 ``binary_metrics``, ``decide``/``GateRules``. Seeded and deterministic; candidate trainings are
@@ -21,7 +27,7 @@ cached under ``.mlops/bench/replay`` (keyed by everything that changes the model
 code of the feature, split and model modules included), so varying only the gate is cheap.
 
     python -m benchmarks.replay_retraining                      # the pipeline's default policy
-    python -m benchmarks.replay_retraining --refit all         # a policy to compare
+    python -m benchmarks.replay_retraining --refit none --gate challenger   # the policy before
     python -m benchmarks.replay_retraining --retrain-params search     # retrains search afresh
     python -m benchmarks.replay_retraining --leaf-refit-decay 0.7      # Booster.refit leaves
     python -m benchmarks.replay_retraining --json .mlops/bench/replay.json
@@ -75,7 +81,7 @@ class Policy:
     window: int = 0
     """Train on the most recent ``window`` months before valid; 0 = all of them."""
     valid_months: int = 1
-    refit: str = "none"
+    refit: str = "all"
     """What serves after the gate passes: ``none`` = the challenger as trained; ``train+valid``
     / ``all`` = its params and best round count (scaled by ``refit_rounds_scale``) refit on
     train + valid / on train + valid + test."""
@@ -84,7 +90,8 @@ class Policy:
     """Recency weights on training rows: weight 0.5 ** (months before the valid month - 1) /
     half_life); 0 = unweighted."""
     min_auc_gain: float = GateRules.min_auc_gain
-    gate: str = "challenger"
+    max_calibration_error: float = GateRules.max_calibration_error
+    gate: str = "holdout-refit"
     """What the gate scores on the frozen month: ``challenger`` = the challenger as trained
     (train, early stopping on valid); ``holdout-refit`` = its params and rounds refit on train +
     valid, i.e. the served refit minus the frozen month itself."""
@@ -321,7 +328,9 @@ def replay(policy: Policy, features: pl.DataFrame, log: bool = True) -> dict[str
     started = time.perf_counter()
     features = _blank(features, policy.drop)
     by_month = {m: features.filter(pl.col("month_key") == m) for m in MONTHS}
-    rules = GateRules(min_auc_gain=policy.min_auc_gain)
+    rules = GateRules(
+        min_auc_gain=policy.min_auc_gain, max_calibration_error=policy.max_calibration_error
+    )
     landed = MONTHS[:FIRST_LANDED]
 
     def gated(candidate: Candidate) -> Candidate:
@@ -445,11 +454,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--window", type=int, default=0, help="training months (0 = all)")
     parser.add_argument("--valid-months", type=int, default=1)
-    parser.add_argument("--refit", choices=["none", "train+valid", "all"], default="none")
+    parser.add_argument("--refit", choices=["none", "train+valid", "all"], default="all")
     parser.add_argument("--refit-rounds-scale", type=float, default=1.0)
     parser.add_argument("--half-life", type=float, default=0.0, help="recency weights (months)")
     parser.add_argument("--min-auc-gain", type=float, default=GateRules.min_auc_gain)
-    parser.add_argument("--gate", choices=["challenger", "holdout-refit"], default="challenger")
+    parser.add_argument(
+        "--max-calibration-error", type=float, default=GateRules.max_calibration_error
+    )
+    parser.add_argument("--gate", choices=["challenger", "holdout-refit"], default="holdout-refit")
     parser.add_argument("--drop", default="", help="comma-separated features to blank")
     parser.add_argument("--retrain-params", choices=["search", "champion"], default="champion")
     parser.add_argument(
@@ -469,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
         refit_rounds_scale=args.refit_rounds_scale,
         half_life=args.half_life,
         min_auc_gain=args.min_auc_gain,
+        max_calibration_error=args.max_calibration_error,
         gate=args.gate,
         drop=tuple(d for d in args.drop.split(",") if d),
         retrain_params=args.retrain_params,

@@ -52,6 +52,19 @@ def latest_metadata_value(
     return materialization.metadata[name].value
 
 
+def partition_versions(
+    context: dg.AssetExecutionContext, months: list[str]
+) -> list[dict[str, str | None]]:
+    """The Dagster data version of every feature partition the model was trained on."""
+    key = dg.AssetKey("flight_features")
+    out = []
+    for month in months:
+        materialization = latest_materialization(context.instance, key, month)
+        tags = materialization.tags if materialization else {}
+        out.append({"partition": month, "data_version": (tags or {}).get("dagster/data_version")})
+    return out
+
+
 def png_markdown(png: bytes, alt: str) -> str:
     """A PNG embedded in markdown metadata (the Dagster UI renders data URIs)."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"

@@ -81,6 +81,17 @@ class StoredModel:
     def sha256(self) -> str:
         return self.manifest["sha256"]
 
+    @property
+    def trained_months(self) -> list[str]:
+        """The months whose labels the model learned from (early stopping included)."""
+        months = self.manifest["training"]["months"]
+        return sorted({*months["train"], *months["valid"]})
+
+    @property
+    def refit_of(self) -> str | None:
+        """The gated model this one refits on every landed month, if it is such a refit."""
+        return (self.manifest.get("refit_of") or {}).get("version")
+
 
 class ModelRegistryResource(dg.ConfigurableResource):
     """Versioned LightGBM text models and their aliases, on the local disk or an object store."""

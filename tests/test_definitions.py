@@ -32,7 +32,7 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "challenger_model": ("train", {"training_set"}),
     "frozen_eval_set": ("evaluate", {"training_set"}),
     "model_evaluation": ("evaluate", {"training_set", "frozen_eval_set", "challenger_model"}),
-    "champion_model": ("evaluate", {"model_evaluation"}),
+    "champion_model": ("evaluate", {"model_evaluation", "training_set"}),
     "served_model": ("serve", {"champion_model"}),
     "batch_predictions": ("serve", {"flights", "weather", "planes", "champion_model"}),
     "prediction_log": ("monitor", set()),

@@ -41,6 +41,12 @@ def test_leakage_into_the_frozen_set_is_refused() -> None:
     assert not decision.passed and "2013-06" in decision.reason
 
 
+def test_a_champion_that_trained_on_the_frozen_set_is_no_fair_comparison() -> None:
+    decision = decide(m(0.9), m(0.7), BASELINES, RULES, champion_overlap_months=["2013-06"])
+    assert not decision.passed and "champion was trained" in decision.reason
+    assert "2013-06" in decision.reason
+
+
 def test_the_champion_itself_passes_without_change() -> None:
     decision = decide(m(0.74), None, BASELINES, RULES, same_model=True)
     assert decision.passed and "already the champion" in decision.reason

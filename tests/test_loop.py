@@ -198,7 +198,11 @@ def test_a_landed_month_is_monitored_and_decided_once(loop: Loop) -> None:
         assert loop.retrains() == 2
         gate = [d for d in loop.decisions("gate")][-1]
         after = loop.registry.champion()
-        assert after == (gate["version"] if gate["passed"] else before)
+        if gate["passed"]:  # what serves is the gated model refit on every landed month
+            assert loop.registry.load(after).refit_of == gate["version"]
+            assert "2013-07" in loop.registry.load(after).trained_months
+        else:
+            assert after == before
     else:
         assert loop.retrains() == 1
         assert loop.registry.champion() == before

@@ -101,7 +101,8 @@ def test_challengers_promotions_and_rollback_are_mirrored_to_mlflow(
     assert result.success
     trained = metadata(result, "challenger_model")
     version = trained["version"]
-    assert registry.champion() == version
+    champion = registry.champion()  # the gated challenger refit on every landed month
+    assert registry.load(champion).refit_of == version
     assert "mlflow_error" not in trained
     run_id = trained["mlflow_run_id"]
     assert trained["mlflow_model_version"] == "1"
@@ -137,10 +138,15 @@ def test_challengers_promotions_and_rollback_are_mirrored_to_mlflow(
     # Artifacts live next to the SQLite store, not in the working directory.
     assert (tmp_path / "mlflow" / "mlartifacts").is_dir()
 
-    # Registered, and the champion alias follows our registry's.
-    assert alias(client, "champion") == ("1", version)
+    # The refit is mirrored too, and the champion alias follows our registry's.
+    promoted = metadata(result, "champion_model")
+    assert promoted["mlflow_refit_model_version"] == "2"
+    refit_run = client.get_run(promoted["mlflow_refit_run_id"])
+    assert refit_run.info.run_name == f"refit {champion}"
+    assert refit_run.data.tags[VERSION_TAG] == champion
+    assert alias(client, "champion") == ("2", champion)
     assert alias(client, "previous_champion") is None
-    assert metadata(result, "champion_model")["mlflow_champion"] == "1"
+    assert promoted["mlflow_champion"] == "2"
 
     # A second challenger promoted (as champion_model does), then the rollback job: MLflow's
     # aliases follow each move.
@@ -149,15 +155,15 @@ def test_challengers_promotions_and_rollback_are_mirrored_to_mlflow(
     second = metadata(result, "challenger_model")["version"]
     assert second != version
     registry.promote(second, "test: a second champion")
-    assert tracking.sync_aliases(registry.aliases()) == {"champion": "2", "previous_champion": "1"}
-    assert alias(client, "champion") == ("2", second)
-    assert alias(client, "previous_champion") == ("1", version)
+    assert tracking.sync_aliases(registry.aliases()) == {"champion": "3", "previous_champion": "2"}
+    assert alias(client, "champion") == ("3", second)
+    assert alias(client, "previous_champion") == ("2", champion)
     rollback = defs.get_job_def("rollback_job").execute_in_process(
         instance=prepared["instance"], resources=resources
     )
     assert rollback.success
-    assert registry.aliases() == {"champion": version, "previous_champion": None}
-    assert alias(client, "champion") == ("1", version)
+    assert registry.aliases() == {"champion": champion, "previous_champion": None}
+    assert alias(client, "champion") == ("2", champion)
     assert alias(client, "previous_champion") is None
 
 

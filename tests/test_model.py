@@ -104,7 +104,6 @@ def test_first_model_is_trained_evaluated_and_promoted(prepared, tmp_path: Path)
     assert trained["trials"] == 2 and "learning_rate" in trained["best_params"]
     assert trained["trial_table"].splitlines()[0].startswith("| trial |")
     registry = resources["registry"]
-    assert registry.champion() == version
     manifest = registry.manifest(version)
     assert manifest["sha256"] == trained["sha256"]
     names = [f["name"] for f in manifest["features"]]
@@ -117,6 +116,7 @@ def test_first_model_is_trained_evaluated_and_promoted(prepared, tmp_path: Path)
         "valid": ["2013-05"],
         "test": ["2013-06"],
     }  # fmt: skip
+    assert manifest["training"]["fit_on"] == ["train", "valid"]
     partitions = manifest["training"]["partitions"]
     assert [p["partition"] for p in partitions] == [f"2013-0{m}" for m in range(1, 6)]
     assert all(p["data_version"] for p in partitions)
@@ -134,6 +134,48 @@ def test_first_model_is_trained_evaluated_and_promoted(prepared, tmp_path: Path)
     assert Path(evaluation["report"]).exists()
     assert gate(result).passed
     assert [d["action"] for d in registry.decisions()] == ["gate", "promote"]
+
+    # What serves is the gated model's parameters and rounds refit on every landed month.
+    champion = registry.champion()
+    promoted = metadata(result, "champion_model")
+    assert promoted["version"] == champion != version and promoted["gated_version"] == version
+    refit = registry.load(champion)
+    assert refit.refit_of == version
+    assert refit.trained_months == [f"2013-0{m}" for m in range(1, 7)]
+    assert refit.manifest["refit_of"]["frozen_auc"] == evaluation["frozen_auc"]
+    assert refit.manifest["params"] == manifest["params"]
+    assert refit.manifest["features"] == manifest["features"]
+    assert [p["partition"] for p in refit.manifest["training"]["partitions"]] == (
+        refit.trained_months
+    )
+    booster = lgb.Booster(model_str=refit.model_text)
+    assert booster.num_trees() == manifest["params"]["num_boost_round"]
+    assert refit.sha256 != manifest["sha256"]
+    assert "serving its refit on every landed month" in registry.decisions()[-1]["reason"]
+
+    # The same steps again, on the same months: the champion trained on the frozen month, so
+    # the gate compares the new challenger with the model the champion refits.
+    again = run(prepared, resources, MODEL_STEPS)
+    evaluation = metadata(again, "model_evaluation")
+    assert evaluation["champion_version"] == champion
+    assert evaluation["champion_compared_as"] == version
+    assert evaluation["gate_reason"] == "the challenger is already the champion; nothing changes"
+    assert registry.champion() == champion  # the same bytes: nothing registered or promoted
+    assert len(registry.versions()) == 3  # the first challenger, its refit, the second challenger
+
+
+def test_the_gated_model_itself_serves_when_refitting_is_off(prepared, tmp_path: Path) -> None:
+    resources = with_registry(prepared, tmp_path / "registry")
+    config = {"ops": {**FAST["ops"],
+                      "champion_model": {"config": {"refit_on_all_months": False}}}}  # fmt: skip
+    result = run(prepared, resources, MODEL_STEPS, config)
+    assert result.success
+    version = metadata(result, "challenger_model")["version"]
+    registry = resources["registry"]
+    assert registry.champion() == version and registry.versions() == [version]
+    # Promoting it again changes nothing and registers nothing.
+    assert run(prepared, resources, ["champion_model"], config).success
+    assert registry.champion() == version and registry.versions() == [version]
 
 
 def test_same_data_and_config_give_the_same_model_bytes(prepared, tmp_path: Path) -> None:

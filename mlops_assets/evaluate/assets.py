@@ -21,9 +21,15 @@ from mlops_assets.evaluate.metrics import (
 )
 from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.transform import LABEL
-from mlops_assets.metadata import latest_metadata_value, markdown_table, png_markdown
+from mlops_assets.metadata import (
+    latest_metadata_value,
+    markdown_table,
+    partition_versions,
+    png_markdown,
+)
 from mlops_assets.train.mlflow_bridge import MlflowResource
-from mlops_assets.train.model import Matrix
+from mlops_assets.train.model import TUNED_PARAMS, Matrix, fit
+from mlops_assets.train.on_ray import TrainedWhere
 from resources.extract import frame_checksum
 from resources.registry import ModelRegistryResource, StoredModel
 from resources.storage import write_bytes_atomic, write_text_atomic
@@ -96,6 +102,19 @@ def _score_model(model: StoredModel, frame: pl.DataFrame) -> np.ndarray:
     return booster.predict(Matrix.from_features(frame, preprocessor).x)
 
 
+def _comparable_champion(
+    registry: ModelRegistryResource, version: str | None, frozen_months: set[str]
+) -> StoredModel | None:
+    """The champion, or, when it is a refit that trained on the frozen months (the set has not
+    moved since its promotion), the gated model it refits: its stand-in, trained without them."""
+    if version is None:
+        return None
+    champion = registry.load(version)
+    if champion.refit_of and frozen_months & set(champion.trained_months):
+        return registry.load(champion.refit_of)
+    return champion
+
+
 def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
@@ -153,14 +172,16 @@ def model_evaluation(
         raise dg.Failure("no challenger has been trained yet: materialize challenger_model")
     challenger = registry.load(str(version))
     champion_version = registry.champion()
-    champion = registry.load(champion_version) if champion_version else None
+    frozen_months = set(frozen_eval_set.get_column("month_key").unique().to_list())
+    champion = _comparable_champion(registry, champion_version, frozen_months)
 
     sets = {
         "valid": training_set.filter(pl.col("split") == "valid"),
         "test": training_set.filter(pl.col("split") == "test"),
         "frozen": frozen_eval_set,
     }
-    train = training_set.filter(pl.col("split") == "train")
+    # The baselines learn from the rows the challenger was fit on.
+    train = training_set.filter(pl.col("split") != "test")
     base_rate = float(train.get_column(LABEL).mean())
     preprocessor = Preprocessor.from_json(challenger.preprocessor_json)
     # Newton-Cholesky: a few exact steps on many rows and ~130 columns (lbfgs needs ~120).
@@ -174,7 +195,7 @@ def model_evaluation(
             "base_rate": np.full(frame.height, base_rate),
             "logistic": linear.predict_proba(preprocessor.transform_linear(frame))[:, 1],
         }
-        if champion is not None and champion.version != challenger.version:
+        if champion is not None and champion.sha256 != challenger.sha256:
             predictions[name]["champion"] = _score_model(champion, frame)
     labels = {
         name: frame.get_column(LABEL).cast(pl.Float64).to_numpy() for name, frame in sets.items()
@@ -192,17 +213,17 @@ def model_evaluation(
         ]
     )
     frozen = {m: v for (s, m), v in metrics.items() if s == "frozen"}
-    trained_months = set(challenger.manifest["training"]["months"]["train"]) | set(
-        challenger.manifest["training"]["months"]["valid"]
-    )
-    overlap = sorted(trained_months.intersection(frozen_eval_set.get_column("month_key").unique()))
+    overlap = sorted(set(challenger.trained_months) & frozen_months)
     decision = decide(
         frozen["challenger"],
         frozen.get("champion"),
         {"base_rate": frozen["base_rate"], "logistic": frozen["logistic"]},
         GateRules(config.min_auc_gain, config.max_calibration_error, config.baseline_margin),
         overlap_months=overlap,
-        same_model=champion is not None and champion.version == challenger.version,
+        champion_overlap_months=sorted(set(champion.trained_months) & frozen_months)
+        if champion is not None
+        else None,
+        same_model=champion is not None and champion.sha256 == challenger.sha256,
     )
     registry.record_decision(
         "gate", challenger.version, decision.reason, passed=decision.passed,
@@ -247,6 +268,9 @@ def model_evaluation(
         metadata={
             "challenger_version": dg.MetadataValue.text(challenger.version),
             "champion_version": dg.MetadataValue.text(champion_version or "none"),
+            # A refit champion that trained on the frozen months is compared through its gated
+            # model, trained without them.
+            "champion_compared_as": dg.MetadataValue.text(champion.version if champion else "none"),
             "gate_passed": dg.MetadataValue.bool(decision.passed),
             "gate_reason": dg.MetadataValue.text(decision.reason),
             "frozen_auc": dg.MetadataValue.float(frozen["challenger"].get("auc", math.nan)),
@@ -278,13 +302,82 @@ def model_evaluation(
     )  # fmt: skip
 
 
-@dg.asset(group_name="evaluate", kinds={"registry"}, deps=["model_evaluation"])
+def _served_hashes(registry: ModelRegistryResource, champion: str) -> set[str]:
+    """The champion's model hash, and that of the gated model it refits, if it is a refit."""
+    model = registry.load(champion)
+    return {model.sha256} | ({registry.load(model.refit_of).sha256} if model.refit_of else set())
+
+
+class PromotionConfig(dg.Config):
+    refit_on_all_months: bool = True
+    """Serve the gated challenger's parameters and round count refit on every landed month, the
+    gate's month included, registered as its own version (``refit_of`` in its manifest). False
+    serves the gated model itself, which never trained on the newest month."""
+    num_threads: int = 2
+
+
+def _refit_on_all_months(
+    context: dg.AssetExecutionContext,
+    registry: ModelRegistryResource,
+    gated: StoredModel,
+    training_set: pl.DataFrame,
+    num_threads: int,
+) -> str:
+    """Register ``gated``'s parameters and rounds fit on every row of the training set."""
+    months = sorted(training_set.get_column("month_key").unique().to_list())
+    params = gated.manifest["params"]
+    preprocessor = Preprocessor.fit(training_set)
+    booster = fit(
+        {k: params[k] for k in TUNED_PARAMS}, Matrix.from_features(training_set, preprocessor),
+        int(params["num_boost_round"]), seed=int(params["seed"]), num_threads=num_threads,
+    )  # fmt: skip
+    newest = training_set.filter(pl.col("month_key") == months[-1])
+    scores = booster.predict(Matrix.from_features(newest, preprocessor).x)
+    if not np.isfinite(scores).all():
+        raise dg.Failure(f"the refit of {gated.version} predicts NaN or inf; nothing promoted")
+    evaluation = dg.AssetKey("model_evaluation")
+    manifest = {
+        **{k: v for k, v in gated.manifest.items()
+           if k not in ("version", "sha256", "preprocessor_sha256", "created_at")},
+        "training": {
+            **gated.manifest["training"],
+            "months": {"train": months, "valid": [], "test": []},
+            "fit_on": ["train"],
+            "rows": {"train": training_set.height, "valid": 0, "test": 0},
+            "partitions": partition_versions(context, months),
+            "dagster_run_id": context.run.run_id,
+            "compute": TrainedWhere.here().as_dict(),
+        },
+        "refit_of": {
+            "version": gated.version,
+            "sha256": gated.sha256,
+            "months": gated.manifest["training"]["months"],
+            "frozen_auc": latest_metadata_value(context.instance, evaluation, "frozen_auc"),
+            "note": "metrics are the gated model's: the refit has no month it did not train on",
+        },
+    }  # fmt: skip
+    registered = registry.register(booster.model_to_string(), preprocessor.to_json(), manifest)
+    context.log.info(
+        f"refit {gated.version} on {months[0]}..{months[-1]} ({training_set.height} rows): "
+        f"{registered['version']}"
+    )
+    return registered["version"]
+
+
+@dg.asset(
+    group_name="evaluate",
+    kinds={"registry", "lightgbm"},
+    deps=["model_evaluation", "training_set"],
+)
 def champion_model(
     context: dg.AssetExecutionContext,
+    config: PromotionConfig,
+    warehouse: WarehouseResource,
     registry: ModelRegistryResource,
     mlflow_tracking: MlflowResource,
 ) -> dg.MaterializeResult:
-    """The champion alias: moved to the challenger once the promotion gate has passed."""
+    """The champion alias, moved once the promotion gate has passed: to the gated challenger
+    refit on every landed month (by default), or to the gated challenger itself."""
     key = dg.AssetKey("model_evaluation")
     version = latest_metadata_value(context.instance, key, "challenger_version")
     passed = latest_metadata_value(context.instance, key, "gate_passed")
@@ -292,23 +385,39 @@ def champion_model(
     if version is None or not passed:
         raise dg.Failure(f"the promotion gate did not pass for {version}: {reason}")
     previous = registry.champion()
-    entry = registry.promote(str(version), reason)
+    served, tracked = str(version), None
+    gated = registry.load(str(version))
+    if previous is not None and gated.sha256 in _served_hashes(registry, previous):
+        served = previous  # it serves already, itself or refit (a retried or repeated step)
+    elif config.refit_on_all_months:
+        training_set = warehouse.read("training_set")
+        served = _refit_on_all_months(context, registry, gated, training_set, config.num_threads)
+        reason = f"{reason}; serving its refit on every landed month, {served}"
+        tracked = mlflow_tracking.log_challenger(registry.load(served), pl.DataFrame(),
+                                                 role="refit")  # fmt: skip
+    entry = registry.promote(served, reason)
     mirrored = mlflow_tracking.sync_aliases(registry.aliases())  # no-op without MLflow
-    manifest = registry.manifest(str(version))
+    manifest = registry.manifest(served)
     history = pl.DataFrame(registry.decisions()[-10:]).select(
         pl.col(c) for c in ("at", "action", "version", "reason")
     )
-    context.log.info(f"champion: {previous} -> {version} ({entry['reason']})")
+    context.log.info(f"champion: {previous} -> {served} ({entry['reason']})")
     return dg.MaterializeResult(
         metadata={
-            "version": dg.MetadataValue.text(str(version)),
+            "version": dg.MetadataValue.text(served),
+            "gated_version": dg.MetadataValue.text(str(version)),
             "previous_champion": dg.MetadataValue.text(previous or "none"),
             "sha256": dg.MetadataValue.text(manifest["sha256"]),
+            "trained_on_months": dg.MetadataValue.text(
+                ", ".join(registry.load(served).trained_months)
+            ),
             "reason": dg.MetadataValue.text(entry["reason"]),
             "decisions": dg.MetadataValue.md(markdown_table(history, 10)),
             **{f"mlflow_{k}": dg.MetadataValue.text(str(v)) for k, v in mirrored.items()},
+            **{f"mlflow_refit_{k}": dg.MetadataValue.text(str(v))
+               for k, v in (tracked or {}).items()},
         }
-    )
+    )  # fmt: skip
 
 
 @dg.op

@@ -70,16 +70,11 @@ def _importance(model: StoredModel) -> dict[str, float]:
     )
 
 
-def _reference_months(model: StoredModel) -> list[str]:
-    months = model.manifest["training"]["months"]
-    return sorted({*months["train"], *months["valid"]})
-
-
 def _reference(warehouse: WarehouseResource, model: StoredModel) -> pl.DataFrame:
-    months = [m for m in _reference_months(model) if m in warehouse.partitions("flight_features")]
+    months = [m for m in model.trained_months if m in warehouse.partitions("flight_features")]
     if not months:
         raise dg.Failure(
-            f"the champion {model.version} was trained on {_reference_months(model)}, and none "
+            f"the champion {model.version} was trained on {model.trained_months}, and none "
             "of those flight_features partitions is stored: materialize them first"
         )
     return warehouse.read("flight_features", months)
@@ -188,12 +183,12 @@ def flight_drift(
         ),
         month,
     )
-    in_reference = month in _reference_months(champion)
+    in_reference = month in champion.trained_months
     yield dg.MaterializeResult(
         metadata={
             **_drift_metadata(result, str(report) if report else None),
             "champion_version": dg.MetadataValue.text(champion.version),
-            "reference_months": dg.MetadataValue.text(", ".join(_reference_months(champion))),
+            "reference_months": dg.MetadataValue.text(", ".join(champion.trained_months)),
             "in_reference": dg.MetadataValue.bool(in_reference),
             "max_drift_share": dg.MetadataValue.float(config.max_drift_share),
         }
@@ -259,7 +254,7 @@ def champion_performance(
     metrics = binary_metrics(matrix.y if frame.height else np.array([]), scores, threshold=0.5)
     reference_auc = float(champion.manifest["metrics"].get("valid_auc", math.nan))
     auc = metrics.get("auc", math.nan)
-    in_training = month in _reference_months(champion)
+    in_training = month in champion.trained_months
     row = pl.DataFrame(
         [
             {

@@ -136,7 +136,9 @@ class MlflowResource(dg.ConfigurableResource):
         found = max((int(h.version) for h in hits), default=None)
         return None if found is None else str(found)
 
-    def log_challenger(self, model: "StoredModel", trials: pl.DataFrame) -> dict[str, str] | None:
+    def log_challenger(
+        self, model: "StoredModel", trials: pl.DataFrame, role: str = "challenger"
+    ) -> dict[str, str] | None:
         """One MLflow run for a registered challenger, and a registered model version for it.
 
         Returns ``{"run_id", "model_version"}``, ``{"error"}`` when MLflow failed (the caller
@@ -146,12 +148,14 @@ class MlflowResource(dg.ConfigurableResource):
         if not self.enabled:
             return None
         try:
-            return self._log_challenger(model, trials)
+            return self._log_challenger(model, trials, role)
         except Exception as exc:  # a mirror: tracking problems never fail training
             dg.get_dagster_logger().warning(f"MLflow: {model.version} not logged: {exc}")
             return {"error": f"{type(exc).__name__}: {exc}"}
 
-    def _log_challenger(self, model: "StoredModel", trials: pl.DataFrame) -> dict[str, str]:
+    def _log_challenger(
+        self, model: "StoredModel", trials: pl.DataFrame, role: str
+    ) -> dict[str, str]:
         from mlflow.entities import Metric, Param, RunTag
 
         manifest = model.manifest
@@ -159,7 +163,7 @@ class MlflowResource(dg.ConfigurableResource):
         training = manifest.get("training", {})
         run = client.create_run(
             self._experiment_id(client),
-            run_name=f"challenger {model.version}",
+            run_name=f"{role} {model.version}",
             tags={
                 VERSION_TAG: model.version,
                 "mlops_sha256": manifest["sha256"],
