@@ -268,7 +268,7 @@ def bare(home: Path, month: str, before: str) -> dict[str, float]:
     plot_calibration_and_confusion(Scored("challenger", y, challenger_p), threshold, "frozen")
     verdict = decide(metrics["challenger"], metrics["champion"],
                      {"base_rate": metrics["base_rate"], "logistic": metrics["logistic"]},
-                     GateRules())  # fmt: skip
+                     GateRules(), newer_months=[month])  # fmt: skip
     lap("evaluation + gate")
     if verdict.passed:
         # As champion_model does: the same parameters and rounds refit on every landed month.

@@ -89,7 +89,8 @@ class Policy:
     half_life: float = 0.0
     """Recency weights on training rows: weight 0.5 ** (months before the valid month - 1) /
     half_life); 0 = unweighted."""
-    min_auc_gain: float = GateRules.min_auc_gain
+    min_auc_gain: float = GateRules.min_auc_gain_newer_data
+    """Every retrain here learns from a month the champion has not: the newer-data margin."""
     max_calibration_error: float = GateRules.max_calibration_error
     gate: str = "holdout-refit"
     """What the gate scores on the frozen month: ``challenger`` = the challenger as trained
@@ -329,7 +330,9 @@ def replay(policy: Policy, features: pl.DataFrame, log: bool = True) -> dict[str
     features = _blank(features, policy.drop)
     by_month = {m: features.filter(pl.col("month_key") == m) for m in MONTHS}
     rules = GateRules(
-        min_auc_gain=policy.min_auc_gain, max_calibration_error=policy.max_calibration_error
+        min_auc_gain=policy.min_auc_gain,
+        min_auc_gain_newer_data=policy.min_auc_gain,
+        max_calibration_error=policy.max_calibration_error,
     )
     landed = MONTHS[:FIRST_LANDED]
 
@@ -457,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refit", choices=["none", "train+valid", "all"], default="all")
     parser.add_argument("--refit-rounds-scale", type=float, default=1.0)
     parser.add_argument("--half-life", type=float, default=0.0, help="recency weights (months)")
-    parser.add_argument("--min-auc-gain", type=float, default=GateRules.min_auc_gain)
+    parser.add_argument("--min-auc-gain", type=float, default=GateRules.min_auc_gain_newer_data)
     parser.add_argument(
         "--max-calibration-error", type=float, default=GateRules.max_calibration_error
     )

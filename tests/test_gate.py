@@ -27,6 +27,16 @@ def test_challenger_must_beat_champion_by_the_margin() -> None:
     assert rejected.details["auc_gain"] == 0.7435 - 0.742
 
 
+def test_a_challenger_that_learned_from_newer_months_may_lose_by_the_smaller_margin() -> None:
+    rules = GateRules(min_auc_gain=0.002, min_auc_gain_newer_data=-0.005)
+    newer = decide(m(0.738), m(0.742), BASELINES, rules, newer_months=["2013-07"])
+    assert newer.passed and "(-0.0040 ≥ -0.005; it learns from 2013-07" in newer.reason
+    too_far = decide(m(0.736), m(0.742), BASELINES, rules, newer_months=["2013-07"])
+    assert not too_far.passed and "-0.005 required" in too_far.reason
+    same_data = decide(m(0.741), m(0.742), BASELINES, rules, newer_months=[])
+    assert not same_data.passed and "0.002 required; no month the champion" in same_data.reason
+
+
 def test_sanity_checks_come_first() -> None:
     nan = decide(m(0.9, nan=3), None, BASELINES, RULES)
     assert not nan.passed and "NaN" in nan.reason

@@ -167,7 +167,7 @@ def test_first_model_is_trained_evaluated_and_promoted(prepared, tmp_path: Path)
 def test_the_gated_model_itself_serves_when_refitting_is_off(prepared, tmp_path: Path) -> None:
     resources = with_registry(prepared, tmp_path / "registry")
     config = {"ops": {**FAST["ops"],
-                      "champion_model": {"config": {"refit_on_all_months": False}}}}  # fmt: skip
+                      "model_evaluation": {"config": {"refit_on_all_months": False}}}}  # fmt: skip
     result = run(prepared, resources, MODEL_STEPS, config)
     assert result.success
     version = metadata(result, "challenger_model")["version"]

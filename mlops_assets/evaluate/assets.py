@@ -89,8 +89,14 @@ def frozen_eval_set(
 
 class GateConfig(dg.Config):
     min_auc_gain: float = GateRules.min_auc_gain
+    min_auc_gain_newer_data: float = GateRules.min_auc_gain_newer_data
     max_calibration_error: float = GateRules.max_calibration_error
     baseline_margin: float = GateRules.baseline_margin
+    refit_on_all_months: bool = True
+    """What serves if the gate passes: the challenger's parameters and round count refit on
+    every landed month, the frozen month included, registered by ``champion_model`` as its own
+    version (``refit_of`` in its manifest). False serves the challenger itself, which never
+    trained on the frozen month."""
 
 
 def _booster(model: StoredModel) -> tuple[lgb.Booster, Preprocessor]:
@@ -103,13 +109,12 @@ def _score_model(model: StoredModel, frame: pl.DataFrame) -> np.ndarray:
 
 
 def _comparable_champion(
-    registry: ModelRegistryResource, version: str | None, frozen_months: set[str]
+    registry: ModelRegistryResource, champion: StoredModel | None, frozen_months: set[str]
 ) -> StoredModel | None:
     """The champion, or, when it is a refit that trained on the frozen months (the set has not
     moved since its promotion), the gated model it refits: its stand-in, trained without them."""
-    if version is None:
+    if champion is None:
         return None
-    champion = registry.load(version)
     if champion.refit_of and frozen_months & set(champion.trained_months):
         return registry.load(champion.refit_of)
     return champion
@@ -173,7 +178,8 @@ def model_evaluation(
     challenger = registry.load(str(version))
     champion_version = registry.champion()
     frozen_months = set(frozen_eval_set.get_column("month_key").unique().to_list())
-    champion = _comparable_champion(registry, champion_version, frozen_months)
+    serving = registry.load(champion_version) if champion_version else None
+    champion = _comparable_champion(registry, serving, frozen_months)
 
     sets = {
         "valid": training_set.filter(pl.col("split") == "valid"),
@@ -213,16 +219,24 @@ def model_evaluation(
         ]
     )
     frozen = {m: v for (s, m), v in metrics.items() if s == "frozen"}
-    overlap = sorted(set(challenger.trained_months) & frozen_months)
+    # The months what would serve learns from (the refit learns the frozen ones too) and the
+    # champion has not: new data, judged with the non-inferiority margin.
+    would_learn = set(challenger.trained_months) | (
+        frozen_months if config.refit_on_all_months else set()
+    )
+    newer = sorted(would_learn - set(serving.trained_months)) if serving is not None else []
+    rules = GateRules(config.min_auc_gain, config.min_auc_gain_newer_data,
+                      config.max_calibration_error, config.baseline_margin)  # fmt: skip
     decision = decide(
         frozen["challenger"],
         frozen.get("champion"),
         {"base_rate": frozen["base_rate"], "logistic": frozen["logistic"]},
-        GateRules(config.min_auc_gain, config.max_calibration_error, config.baseline_margin),
-        overlap_months=overlap,
+        rules,
+        overlap_months=sorted(set(challenger.trained_months) & frozen_months),
         champion_overlap_months=sorted(set(champion.trained_months) & frozen_months)
         if champion is not None
         else None,
+        newer_months=newer,
         same_model=champion is not None and champion.sha256 == challenger.sha256,
     )
     registry.record_decision(
@@ -272,6 +286,8 @@ def model_evaluation(
             # model, trained without them.
             "champion_compared_as": dg.MetadataValue.text(champion.version if champion else "none"),
             "gate_passed": dg.MetadataValue.bool(decision.passed),
+            "refit_on_all_months": dg.MetadataValue.bool(config.refit_on_all_months),
+            "newer_months": dg.MetadataValue.text(", ".join(newer) or "none"),
             "gate_reason": dg.MetadataValue.text(decision.reason),
             "frozen_auc": dg.MetadataValue.float(frozen["challenger"].get("auc", math.nan)),
             "test_auc": dg.MetadataValue.float(
@@ -309,11 +325,8 @@ def _served_hashes(registry: ModelRegistryResource, champion: str) -> set[str]:
 
 
 class PromotionConfig(dg.Config):
-    refit_on_all_months: bool = True
-    """Serve the gated challenger's parameters and round count refit on every landed month, the
-    gate's month included, registered as its own version (``refit_of`` in its manifest). False
-    serves the gated model itself, which never trained on the newest month."""
     num_threads: int = 2
+    """LightGBM threads of the refit (``model_evaluation``'s ``refit_on_all_months``)."""
 
 
 def _refit_on_all_months(
@@ -389,7 +402,7 @@ def champion_model(
     gated = registry.load(str(version))
     if previous is not None and gated.sha256 in _served_hashes(registry, previous):
         served = previous  # it serves already, itself or refit (a retried or repeated step)
-    elif config.refit_on_all_months:
+    elif latest_metadata_value(context.instance, key, "refit_on_all_months") is not False:
         training_set = warehouse.read("training_set")
         served = _refit_on_all_months(context, registry, gated, training_set, config.num_threads)
         reason = f"{reason}; serving its refit on every landed month, {served}"
