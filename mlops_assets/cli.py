@@ -366,6 +366,9 @@ def status(
         for split in ("train", "valid", "test"):
             if months.get(split):
                 typer.echo(f"  {split} months: {', '.join(months[split])}")
+        refit_of = manifest.get("refit_of") or {}
+        if refit_of:
+            typer.echo(f"  the gated {refit_of['version']} refit on every landed month")
         if "valid_auc" in metrics:
             typer.echo(f"  validation AUC {metrics['valid_auc']:.4f}")
     endpoint = _endpoint(url)

@@ -161,6 +161,17 @@ def test_status_shows_the_champion_serving_state_drift_and_decisions(tmp_path: P
     assert "train months: 2013-01, 2013-02" in out and "validation AUC 0.7312" in out
     assert f"2013-04 vs {manifest['version']}: 0.700 (distance, temp)" in out
     assert "retrain for 2013-04: AUC drop +0.05" in out
+    assert "refit on every landed month" not in out
+
+    refit = registry.register(
+        "tree\n", "{}", {"metrics": {"valid_auc": 0.7312}, "refit_of": {"version": "m0001"},
+                          "training": {"months": {"train": ["2013-01", "2013-02", "2013-03",
+                                                            "2013-04"], "valid": []}}},
+    )  # fmt: skip
+    registry.promote(refit["version"], "promote: its refit")
+    out = run("status", "--url", f"http://127.0.0.1:{closed}", home=tmp_path).stdout
+    assert f"champion: {refit['version']} (previous: m0001)" in out
+    assert "the gated m0001 refit on every landed month" in out
 
 
 def test_direct_endpoints_come_from_the_newest_served_model_materialization() -> None:

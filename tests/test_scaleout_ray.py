@@ -39,7 +39,7 @@ from mlops_assets.serve.deployment import replica_infos
 from mlops_assets.serve.ray_runtime import STATE_FILE, free_port, local_ray, session_pids
 from mlops_assets.train import assets as train_assets
 from mlops_assets.train.mlflow_bridge import MlflowResource
-from mlops_assets.train.model import Matrix, SearchSettings
+from mlops_assets.train.model import Matrix, SearchSettings, fit
 from mlops_assets.train.on_ray import RemoteTrainingError, run_search, search_on_cluster
 from resources.prediction_log import PredictionLogResource
 from resources.ray import RayResource
@@ -256,14 +256,21 @@ def test_training_runs_on_the_cluster_with_the_same_model_bytes(
     assert compute["pid"] in session_pids(cluster.session_id, cluster.temp_dir)
     assert compute["node_id"] in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert "Ray task on the cluster at " + cluster.address in trained["trained_on"]
-    # The same search in this process gives the same model, byte for byte.
+    # The same search in this process, then challenger_model's fit on train + valid with what
+    # it chose, gives the same model, byte for byte.
     train, valid = _matrices(stores)
     local, where = run_search(
         train, valid, SearchSettings(**TRAIN), RayResource(state_dir=str(tmp_path / "ray"))
     )
     assert where.mode == "in-process"
+    assert manifest["params"]["num_boost_round"] == local.best_iteration
+    fitted = stores["frame"].filter(pl.col("split") != "test")
+    final = fit(
+        local.params, Matrix.from_features(fitted, Preprocessor.fit(fitted)),
+        local.best_iteration, seed=TRAIN["seed"], num_threads=TRAIN["num_threads"],
+    )  # fmt: skip
     stored = registry.load(version)  # verified against its sha256
-    assert stored.model_text == local.booster.model_to_string()
+    assert stored.model_text == final.model_to_string()
     assert trained["trials"] == local.trials.height == TRAIN["n_trials"]
 
 
