@@ -128,6 +128,8 @@ def test_first_model_is_trained_evaluated_and_promoted(prepared, tmp_path: Path)
     assert evaluation["gate_passed"] is True
     assert evaluation["gate_reason"].startswith("promote: first model")
     assert 0.65 < evaluation["frozen_auc"] < 0.9
+    # the decision threshold was chosen before the validation month joined the training
+    assert evaluation["threshold"] == manifest["metrics"]["valid_best_f1_threshold"]
     for model in ("challenger", "base_rate", "logistic"):
         assert f"| frozen | {model} |" in evaluation["metrics"]
     assert "2013-06" in evaluation["per_month"] and "| UA |" in evaluation["per_carrier"]

@@ -206,7 +206,11 @@ def model_evaluation(
     labels = {
         name: frame.get_column(LABEL).cast(pl.Float64).to_numpy() for name, frame in sets.items()
     }
-    threshold = best_f1_threshold(labels["valid"], predictions["valid"]["challenger"])
+    # Chosen on validation by the challenger before those months joined its training (older
+    # challengers' manifests lack it: chosen here, in sample).
+    threshold = challenger.manifest.get("metrics", {}).get("valid_best_f1_threshold") or (
+        best_f1_threshold(labels["valid"], predictions["valid"]["challenger"])
+    )
     metrics = {
         (set_name, model): binary_metrics(labels[set_name], p, threshold)
         for set_name, by_model in predictions.items()

@@ -3,7 +3,7 @@
 import dagster as dg
 import polars as pl
 
-from mlops_assets.evaluate.metrics import binary_metrics
+from mlops_assets.evaluate.metrics import best_f1_threshold, binary_metrics
 from mlops_assets.features.assets import PREPROCESSOR_FILE
 from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.transform import FEATURES, LABEL
@@ -66,7 +66,11 @@ def challenger_model(
         params_from = "search"
     context.log.info(f"parameters: {params_from}")
     # Measured before the validation months join the training: out of sample.
-    valid_metrics = binary_metrics(valid.y, result.booster.predict(valid.x), threshold=0.5)
+    valid_p = result.booster.predict(valid.x)
+    valid_metrics = {
+        **binary_metrics(valid.y, valid_p, threshold=0.5),
+        "best_f1_threshold": best_f1_threshold(valid.y, valid_p),
+    }
     # Once they have chosen the parameters and the round count, the validation months are
     # trained on too: the newest of them is the month most like the ones to come (measured in
     # benchmarks/README.md, replay_retraining). Its own preprocessing: the categories seen there.
