@@ -7,11 +7,12 @@ One module-scoped scenario on a real ``dagster-daemon`` (temp DAGSTER_HOME with 
 1. land Jan–Jun: six ingest runs, one at a time (the model lane); the first five hold their
    retrain for the run queued behind them, and the June run itself trains, gates, promotes and
    serves the first champion: one retrain, no ``retrain`` job run;
-2. land Jul: one ingest run, drift and performance measured against the champion, one retrain
-   decision; when it retrains, it does so in the same run, whose gate decides the served
-   version;
-3. land the identical Jul file again: no new run;
-4. ``kill -9`` the daemon, land Aug while it is down, restart it: exactly one Aug ingest run
+2. land Oct, a month the Jan–Jun champion has decayed on (its AUC falls by more than 0.03;
+   July no longer retrains, since the champion trains through June): one ingest run, drift and
+   performance measured against the champion, one retrain decision, and the retrain in the
+   same run, whose gate decides the served version;
+3. land the identical Oct file again: no new run;
+4. ``kill -9`` the daemon, land Nov while it is down, restart it: exactly one Nov ingest run
    and at most one retrain for it.
 """
 
@@ -40,6 +41,7 @@ from resources.registry import ModelRegistryResource
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST = [f"2013-0{m}" for m in range(1, 7)]
+DECAYED, NEXT = "2013-10", "2013-11"
 REFERENCE = ["raw_planes", "planes", "raw_airports", "airports", "raw_airlines", "airlines"]
 pytestmark = pytest.mark.timeout(1500)
 
@@ -176,58 +178,55 @@ def test_first_months_bootstrap_the_first_champion_with_no_clicks(loop: Loop) ->
     assert loop.served_version() == champion
 
 
-def test_a_landed_month_is_monitored_and_decided_once(loop: Loop) -> None:
+def test_a_decayed_month_is_monitored_decided_once_and_retrained(loop: Loop) -> None:
     before = loop.registry.champion()
-    land_month("2013-07", loop.home / "landing")
-    loop.wait("the July ingest run", lambda: loop.finished(loop.runs("ingest_month",
-              **{"dagster/partition": "2013-07"})))  # fmt: skip
-    (decision,) = [d for d in loop.decisions() if d.get("month") == "2013-07"]
+    land_month(DECAYED, loop.home / "landing")
+    loop.wait("the October ingest run", lambda: loop.finished(loop.runs("ingest_month",
+              **{"dagster/partition": DECAYED})))  # fmt: skip
+    (decision,) = [d for d in loop.decisions() if d.get("month") == DECAYED]
     drift = loop.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("flight_drift"), asset_partitions=["2013-07"]),
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("flight_drift"), asset_partitions=[DECAYED]),
         limit=1,
     ).records[0]
     metadata = drift.asset_materialization.metadata
     assert metadata["champion_version"].value == before
     assert 0.0 <= metadata["weighted_drift_share"].value <= 1.0
     assert Path(metadata["report"].value).is_file()
-    # Nothing else was in the lane and the test's cooldown is 0: a due retrain runs in-run.
-    assert decision["retrain_in_run"] == (decision["action"] == "retrain")
+    assert decision["action"] == "retrain", decision["reason"]
+    # Nothing else was in the lane and the test's cooldown is 0: the retrain runs in-run.
+    assert decision["retrain_in_run"]
     time.sleep(12)  # two retrain-sensor ticks: nothing waits, so nothing starts
     assert loop.runs("retrain") == []
-    if decision["action"] == "retrain":
-        assert loop.retrains() == 2
-        gate = [d for d in loop.decisions("gate")][-1]
-        after = loop.registry.champion()
-        if gate["passed"]:  # what serves is the gated model refit on every landed month
-            assert loop.registry.load(after).refit_of == gate["version"]
-            assert "2013-07" in loop.registry.load(after).trained_months
-        else:
-            assert after == before
+    assert loop.retrains() == 2
+    gate = [d for d in loop.decisions("gate")][-1]
+    after = loop.registry.champion()
+    if gate["passed"]:  # what serves is the gated model refit on every landed month
+        assert loop.registry.load(after).refit_of == gate["version"]
+        assert DECAYED in loop.registry.load(after).trained_months
     else:
-        assert loop.retrains() == 1
-        assert loop.registry.champion() == before
+        assert after == before
     assert loop.served_version() == loop.registry.champion()
 
 
 def test_landing_the_same_file_twice_starts_one_run(loop: Loop) -> None:
-    land_month("2013-07", loop.home / "landing", overwrite=True)  # same bytes, new mtime
+    land_month(DECAYED, loop.home / "landing", overwrite=True)  # same bytes, new mtime
     time.sleep(20)  # four landing-sensor ticks
-    assert len(loop.runs("ingest_month", **{"dagster/partition": "2013-07"})) == 1
+    assert len(loop.runs("ingest_month", **{"dagster/partition": DECAYED})) == 1
 
 
 def test_a_daemon_killed_between_ticks_loses_and_doubles_nothing(loop: Loop) -> None:
     retrains = loop.retrains()
     loop.kill_daemon()
-    land_month("2013-08", loop.home / "landing")
+    land_month(NEXT, loop.home / "landing")
     time.sleep(3)
     loop.start_daemon()
-    loop.wait("the August ingest run", lambda: loop.finished(loop.runs("ingest_month",
-              **{"dagster/partition": "2013-08"})))  # fmt: skip
+    loop.wait("the November ingest run", lambda: loop.finished(loop.runs("ingest_month",
+              **{"dagster/partition": NEXT})))  # fmt: skip
     loop.wait("the lane quiet", loop.quiet)
     time.sleep(10)
-    assert len(loop.runs("ingest_month", **{"dagster/partition": "2013-08"})) == 1
+    assert len(loop.runs("ingest_month", **{"dagster/partition": NEXT})) == 1
     assert loop.retrains() - retrains <= 1
-    assert len([d for d in loop.decisions() if d.get("month") == "2013-08"]) == 1
+    assert len([d for d in loop.decisions() if d.get("month") == NEXT]) == 1
     assert loop.served_version() == loop.registry.champion()
     # the sensors' state after the restart: every landed file is in the landing cursor
     cursors = {
@@ -236,4 +235,4 @@ def test_a_daemon_killed_between_ticks_loses_and_doubles_nothing(loop: Loop) -> 
         if s.instigator_data is not None and getattr(s.instigator_data, "cursor", None)
     }
     landed = json.loads(cursors["landing_sensor"])
-    assert {"flights_2013-07.csv", "flights_2013-08.csv"} <= set(landed)
+    assert {f"flights_{DECAYED}.csv", f"flights_{NEXT}.csv"} <= set(landed)

@@ -180,6 +180,15 @@ def model_evaluation(
     frozen_months = set(frozen_eval_set.get_column("month_key").unique().to_list())
     serving = registry.load(champion_version) if champion_version else None
     champion = _comparable_champion(registry, serving, frozen_months)
+    # The months what would serve learns from (the refit learns the frozen ones too) and the
+    # champion has not: new data, judged with the non-inferiority margin.
+    would_learn = set(challenger.trained_months) | (
+        frozen_months if config.refit_on_all_months else set()
+    )
+    newer = sorted(would_learn - set(serving.trained_months)) if serving is not None else []
+    # The same bytes as the champion and nothing new to learn: nothing to decide. (The same
+    # bytes with new months still go through the gate: their refit would learn those.)
+    same_model = champion is not None and champion.sha256 == challenger.sha256 and not newer
 
     sets = {
         "valid": training_set.filter(pl.col("split") == "valid"),
@@ -201,7 +210,7 @@ def model_evaluation(
             "base_rate": np.full(frame.height, base_rate),
             "logistic": linear.predict_proba(preprocessor.transform_linear(frame))[:, 1],
         }
-        if champion is not None and champion.sha256 != challenger.sha256:
+        if champion is not None and not same_model:
             predictions[name]["champion"] = _score_model(champion, frame)
     labels = {
         name: frame.get_column(LABEL).cast(pl.Float64).to_numpy() for name, frame in sets.items()
@@ -223,12 +232,6 @@ def model_evaluation(
         ]
     )
     frozen = {m: v for (s, m), v in metrics.items() if s == "frozen"}
-    # The months what would serve learns from (the refit learns the frozen ones too) and the
-    # champion has not: new data, judged with the non-inferiority margin.
-    would_learn = set(challenger.trained_months) | (
-        frozen_months if config.refit_on_all_months else set()
-    )
-    newer = sorted(would_learn - set(serving.trained_months)) if serving is not None else []
     rules = GateRules(config.min_auc_gain, config.min_auc_gain_newer_data,
                       config.max_calibration_error, config.baseline_margin)  # fmt: skip
     decision = decide(
@@ -241,7 +244,7 @@ def model_evaluation(
         if champion is not None
         else None,
         newer_months=newer,
-        same_model=champion is not None and champion.sha256 == challenger.sha256,
+        same_model=same_model,
     )
     registry.record_decision(
         "gate", challenger.version, decision.reason, passed=decision.passed,
@@ -322,10 +325,22 @@ def model_evaluation(
     )  # fmt: skip
 
 
-def _served_hashes(registry: ModelRegistryResource, champion: str) -> set[str]:
-    """The champion's model hash, and that of the gated model it refits, if it is a refit."""
-    model = registry.load(champion)
-    return {model.sha256} | ({registry.load(model.refit_of).sha256} if model.refit_of else set())
+def _serves_already(
+    registry: ModelRegistryResource,
+    champion: StoredModel | None,
+    gated: StoredModel,
+    months: list[str] | None,
+) -> bool:
+    """Whether promoting ``gated`` would change nothing (a retried or repeated step): the
+    champion is ``gated`` itself, or (``months``: refitting) its refit on exactly those months."""
+    if champion is None:
+        return False
+    if months is None:
+        return champion.sha256 == gated.sha256
+    refits = (
+        champion.refit_of is not None and registry.load(champion.refit_of).sha256 == gated.sha256
+    )
+    return refits and champion.trained_months == months
 
 
 class PromotionConfig(dg.Config):
@@ -402,12 +417,19 @@ def champion_model(
     if version is None or not passed:
         raise dg.Failure(f"the promotion gate did not pass for {version}: {reason}")
     previous = registry.champion()
-    served, tracked = str(version), None
+    current = registry.load(previous) if previous else None
     gated = registry.load(str(version))
-    if previous is not None and gated.sha256 in _served_hashes(registry, previous):
-        served = previous  # it serves already, itself or refit (a retried or repeated step)
-    elif latest_metadata_value(context.instance, key, "refit_on_all_months") is not False:
-        training_set = warehouse.read("training_set")
+    refit = latest_metadata_value(context.instance, key, "refit_on_all_months") is not False
+    training_set = warehouse.read("training_set") if refit else None
+    months = (
+        sorted(training_set.get_column("month_key").unique().to_list())
+        if training_set is not None
+        else None
+    )
+    served, tracked = str(version), None
+    if _serves_already(registry, current, gated, months):
+        served = str(previous)
+    elif training_set is not None:
         served = _refit_on_all_months(context, registry, gated, training_set, config.num_threads)
         reason = f"{reason}; serving its refit on every landed month, {served}"
         tracked = mlflow_tracking.log_challenger(registry.load(served), pl.DataFrame(),
