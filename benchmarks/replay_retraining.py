@@ -53,6 +53,7 @@ from mlops_assets.evaluate.metrics import best_f1_threshold, binary_metrics
 from mlops_assets.features.preprocess import Preprocessor
 from mlops_assets.features.splits import assign_splits, split_months
 from mlops_assets.features.transform import FEATURE_NAMES, LABEL, build_features
+from mlops_assets.monitor.assets import DecayConfig
 from mlops_assets.train import model as model_module
 from mlops_assets.train.model import (
     Matrix,
@@ -67,6 +68,7 @@ CACHE = REPO / ".mlops" / "bench" / "replay"  # --no-cache: a fresh temporary fo
 MONTHS = [f"2013-{m:02d}" for m in range(1, 13)]
 FIRST_LANDED = 6  # Jan–Jun
 TARGET_MEAN_GAIN = 0.01
+MAX_AUC_DROP = DecayConfig().max_auc_drop
 TARGET_WORST_MONTH = -0.005
 CODE_FILES = (
     REPO / "mlops_assets" / "features" / "transform.py",
@@ -381,6 +383,9 @@ def replay(policy: Policy, features: pl.DataFrame, log: bool = True) -> dict[str
                 "serving_auc": _metrics(champion, by_month[month])["auc"],
                 "serving": champion.name,
                 "serving_train_months": sorted(champion.trained_on()),
+                # The pipeline's decay signal (retrain_decision): the serving model's validation
+                # AUC minus its AUC on m. The replay retrains after every month regardless.
+                "auc_drop": champion.valid_auc - _metrics(champion, by_month[month])["auc"],
             }
         )
         landed = MONTHS[: index + 1]
@@ -399,7 +404,10 @@ def replay(policy: Policy, features: pl.DataFrame, log: bool = True) -> dict[str
         overlap = [month] if month in scored.trained_on() | champion.trained_on() else []
         c_metrics = _metrics(scored, by_month[month])
         p_metrics = _metrics(champion, by_month[month])
-        decision = decide(c_metrics, p_metrics, {}, rules, overlap_months=overlap)
+        # What would serve next learns from (the refit on all landed months learns m too).
+        learns = scored.trained_on() | ({month} if policy.refit == "all" else set())
+        decision = decide(c_metrics, p_metrics, {}, rules, overlap_months=overlap,
+                          newer_months=sorted(learns - champion.trained_on()))  # fmt: skip
         rows[-1] |= {
             "gate": f"{challenger.name} {'PROMOTE' if decision.passed else 'reject'} "
             f"({decision.details.get('auc_gain', math.nan):+.4f})",
@@ -446,6 +454,9 @@ def print_report(result: dict[str, Any]) -> None:
     print("-" * 118)
     print(f"{'mean':<8} | {result['mean_static_auc']:>10.4f} | {result['mean_serving_auc']:>11.4f}"
           f" | {result['mean_diff']:>+7.4f} |")  # fmt: skip
+    decayed = [r["month"] for r in result["rows"] if r["auc_drop"] > MAX_AUC_DROP]
+    print(f"AUC drop > {MAX_AUC_DROP} (the pipeline's decay trigger; drift can trigger too): "
+          f"{', '.join(decayed) or 'no month'}; the replay retrains after every month")  # fmt: skip
     print(
         f"worst month {result['worst_month']} {result['worst_diff']:+.4f}; target (mean ≥ "
         f"+{TARGET_MEAN_GAIN}, no month < {TARGET_WORST_MONTH}): "
