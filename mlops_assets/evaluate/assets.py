@@ -327,14 +327,12 @@ def model_evaluation(
 
 def _serves_already(
     registry: ModelRegistryResource,
-    champion: StoredModel | None,
+    champion: StoredModel,
     gated: StoredModel,
     months: list[str] | None,
 ) -> bool:
     """Whether promoting ``gated`` would change nothing (a retried or repeated step): the
     champion is ``gated`` itself, or (``months``: refitting) its refit on exactly those months."""
-    if champion is None:
-        return False
     if months is None:
         return champion.sha256 == gated.sha256
     refits = (
@@ -426,17 +424,19 @@ def champion_model(
         if training_set is not None
         else None
     )
-    served, tracked = str(version), None
-    if _serves_already(registry, current, gated, months):
-        served = str(previous)
+    promoted, tracked = gated, None
+    if current is not None and _serves_already(registry, current, gated, months):
+        promoted = current
     elif training_set is not None:
-        served = _refit_on_all_months(context, registry, gated, training_set, config.num_threads)
-        reason = f"{reason}; serving its refit on every landed month, {served}"
-        tracked = mlflow_tracking.log_challenger(registry.load(served), pl.DataFrame(),
-                                                 role="refit")  # fmt: skip
+        refit_version = _refit_on_all_months(
+            context, registry, gated, training_set, config.num_threads
+        )
+        promoted = registry.load(refit_version)
+        reason = f"{reason}; serving its refit on every landed month, {refit_version}"
+        tracked = mlflow_tracking.log_challenger(promoted, pl.DataFrame(), role="refit")
+    served = promoted.version
     entry = registry.promote(served, reason)
     mirrored = mlflow_tracking.sync_aliases(registry.aliases())  # no-op without MLflow
-    manifest = registry.manifest(served)
     history = pl.DataFrame(registry.decisions()[-10:]).select(
         pl.col(c) for c in ("at", "action", "version", "reason")
     )
@@ -446,10 +446,8 @@ def champion_model(
             "version": dg.MetadataValue.text(served),
             "gated_version": dg.MetadataValue.text(str(version)),
             "previous_champion": dg.MetadataValue.text(previous or "none"),
-            "sha256": dg.MetadataValue.text(manifest["sha256"]),
-            "trained_on_months": dg.MetadataValue.text(
-                ", ".join(registry.load(served).trained_months)
-            ),
+            "sha256": dg.MetadataValue.text(promoted.sha256),
+            "trained_on_months": dg.MetadataValue.text(", ".join(promoted.trained_months)),
             "reason": dg.MetadataValue.text(entry["reason"]),
             "decisions": dg.MetadataValue.md(markdown_table(history, 10)),
             **{f"mlflow_{k}": dg.MetadataValue.text(str(v)) for k, v in mirrored.items()},
