@@ -130,8 +130,10 @@ def test_first_model_is_trained_evaluated_and_promoted(prepared, tmp_path: Path)
     assert 0.65 < evaluation["frozen_auc"] < 0.9
     # the decision threshold was chosen before the validation month joined the training
     assert evaluation["threshold"] == manifest["metrics"]["valid_best_f1_threshold"]
+    # The challenger fit its validation month: that row is in sample, the frozen one is not.
     for model in ("challenger", "base_rate", "logistic"):
-        assert f"| frozen | {model} |" in evaluation["metrics"]
+        assert f"| frozen | {model} | False |" in evaluation["metrics"]
+        assert f"| valid | {model} | True |" in evaluation["metrics"]
     assert "2013-06" in evaluation["per_month"] and "| UA |" in evaluation["per_carrier"]
     assert Path(evaluation["report"]).exists()
     assert gate(result).passed

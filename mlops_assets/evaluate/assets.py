@@ -225,12 +225,24 @@ def model_evaluation(
         for set_name, by_model in predictions.items()
         for model, p in by_model.items()
     }
+    # Which rows each model learned from: the challenger now fits its validation months too, so
+    # its validation row measures the fit, not the model; only out-of-sample rows judge it.
+    learned = {
+        "challenger": set(challenger.trained_months),
+        "champion": set(champion.trained_months) if champion is not None else set(),
+        "base_rate": set(train.get_column("month_key").unique().to_list()),
+    }
+    learned["logistic"] = learned["base_rate"]
+    set_months = {
+        name: set(frame.get_column("month_key").unique().to_list()) for name, frame in sets.items()
+    }
     table = pl.DataFrame(
         [
-            {"set": s, "model": m, **{k: values.get(k, math.nan) for k in SHOWN_METRICS}}
+            {"set": s, "model": m, "in_sample": bool(set_months[s] & learned[m]),
+             **{k: values.get(k, math.nan) for k in SHOWN_METRICS}}
             for (s, m), values in metrics.items()
         ]
-    )
+    )  # fmt: skip
     frozen = {m: v for (s, m), v in metrics.items() if s == "frozen"}
     rules = GateRules(config.min_auc_gain, config.min_auc_gain_newer_data,
                       config.max_calibration_error, config.baseline_margin)  # fmt: skip
@@ -275,7 +287,9 @@ def model_evaluation(
             ("Gate", f"<p><b>{'PASSED' if decision.passed else 'REJECTED'}</b>: "
                      f"{decision.reason}</p>"),
             (f"Metrics (decision threshold {threshold:.3f}, chosen for best F1 on validation)",
-             _html_table(table)),
+             "<p><code>in_sample</code>: the model trained on some of these rows; its metrics "
+             "there measure the fit, not the model. The gate reads only the frozen set.</p>"
+             + _html_table(table)),
             ("ROC and precision-recall on the frozen set", f"<img src='{_data_uri(curves)}'>"),
             ("Calibration and confusion matrix", f"<img src='{_data_uri(calibration)}'>"),
             ("Per month (challenger)", _html_table(per_month)),
