@@ -118,17 +118,23 @@ def train_early_stopped(
 
 
 def search(train: Matrix, valid: Matrix, settings: SearchSettings) -> SearchResult:
-    """Optuna TPE search with pruning and early stopping on the validation split, then a final
-    deterministic refit of the best parameters for the best number of rounds."""
+    """Optuna TPE search with pruning and early stopping on the validation split; the result's
+    booster is the best trial's, cut at its best round (the trees a fixed-round fit of the same
+    parameters grows: training is deterministic and the validation split never changes it)."""
     started = time.perf_counter()
     train_set = dataset(train)
     valid_set = dataset(valid, reference=train_set)
+    best_so_far: dict[int, lgb.Booster] = {}  # trial number -> its booster, while it leads
 
     def objective(trial: optuna.Trial) -> float:
         pruning = LightGBMPruningCallback(trial, "auc", valid_name="valid")
         booster = train_early_stopped(_suggest(trial), train_set, valid_set, settings, [pruning])
         trial.set_user_attr("best_iteration", booster.best_iteration)
-        return float(booster.best_score["valid"]["auc"])
+        auc = float(booster.best_score["valid"]["auc"])
+        if not best_so_far or auc > trial.study.best_value:
+            best_so_far.clear()
+            best_so_far[trial.number] = booster
+        return auc
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
@@ -142,8 +148,9 @@ def search(train: Matrix, valid: Matrix, settings: SearchSettings) -> SearchResu
         raise RuntimeError("the search finished no trial; raise the trial or time budget")
     best = study.best_trial
     rounds = max(1, int(best.user_attrs["best_iteration"]))
-    booster = fit(best.params, train, rounds, seed=settings.seed,
-                  num_threads=settings.num_threads)  # fmt: skip
+    booster = best_so_far.get(best.number) or fit(
+        best.params, train, rounds, seed=settings.seed, num_threads=settings.num_threads
+    )
     trials = pl.DataFrame(
         [
             {
@@ -176,7 +183,7 @@ def fit_with_params(
     params: dict[str, Any], train: Matrix, valid: Matrix, settings: SearchSettings
 ) -> SearchResult:
     """No search: ``params``' tuned values (a champion's), early stopping on the validation
-    split for the round count, then the same deterministic refit as :func:`search`."""
+    split for the round count; the booster cut at that round, as :func:`search`'s."""
     started = time.perf_counter()
     params = {k: v for k, v in params.items() if k in TUNED_PARAMS}
     train_set = dataset(train)
@@ -184,7 +191,6 @@ def fit_with_params(
     booster = train_early_stopped(params, train_set, valid_set, settings)
     rounds = max(1, int(booster.best_iteration))
     valid_auc = float(booster.best_score["valid"]["auc"])
-    booster = fit(params, train, rounds, seed=settings.seed, num_threads=settings.num_threads)
     return SearchResult(
         params=dict(params), best_iteration=rounds, best_valid_auc=valid_auc,
         trials=pl.DataFrame({"trial": [0], "state": ["REUSED"], "valid_auc": [valid_auc],
