@@ -156,7 +156,7 @@ def bare_train(warehouse_root: Path, n_trials: int, out: Path) -> dict[str, Any]
     import polars as pl
 
     from mlops_assets.features.preprocess import Preprocessor
-    from mlops_assets.train.model import Matrix, SearchSettings, search
+    from mlops_assets.train.model import Matrix, SearchSettings, fit, search
 
     started = time.perf_counter()
     table = warehouse_root / "training_set"
@@ -165,7 +165,11 @@ def bare_train(warehouse_root: Path, n_trials: int, out: Path) -> dict[str, Any]
     train = Matrix.from_features(frame.filter(pl.col("split") == "train"), preprocessor)
     valid = Matrix.from_features(frame.filter(pl.col("split") == "valid"), preprocessor)
     result = search(train, valid, SearchSettings(n_trials=n_trials, seed=13, num_threads=2))
-    text = result.booster.model_to_string()
+    # As challenger_model: the choice fit on train + valid, with that split's own preprocessing.
+    fit_frame = pl.concat([frame.filter(pl.col("split") == s) for s in ("train", "valid")])
+    booster = fit(result.params, Matrix.from_features(fit_frame, Preprocessor.fit(fit_frame)),
+                  result.best_iteration, seed=13, num_threads=2)  # fmt: skip
+    text = booster.model_to_string()
     out.write_text(text)
     return {
         "seconds": time.perf_counter() - started,
