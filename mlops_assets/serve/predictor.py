@@ -137,6 +137,8 @@ class Predictor:
     fast_path_status: str = field(init=False, default="off")
     _trees: CompiledTrees | None = field(init=False, repr=False, default=None)
     trees_status: str = field(init=False, default="lightgbm: not compiled")
+    _sample: np.ndarray | None = field(init=False, repr=False, default=None)
+    """The feature function's matrix of :func:`sample_records`, built once for both checks."""
 
     def __post_init__(self) -> None:
         if _ORDER_COLUMN in FEATURE_NAMES:
@@ -177,7 +179,7 @@ class Predictor:
         if fast is None:
             return None, f"off: {why}"
         sample = sample_records(self.weather, self.planes)
-        expected = self._polars_matrix(sample)
+        expected = self._sample_matrix(sample)
         bookings = Bookings.from_records(sample)
         # Both of its ways: record by record (a few records) and vectorized (more).
         for way, got in (("rows", fast.rows_matrix(bookings)),
@@ -191,6 +193,12 @@ class Predictor:
                 )
         return fast, f"on, verified on {len(sample)} records"
 
+    def _sample_matrix(self, records: list[dict[str, Any]] | None = None) -> np.ndarray:
+        if self._sample is None:
+            records = records or sample_records(self.weather, self.planes)
+            self._sample = self._polars_matrix(records)
+        return self._sample
+
     def compile_trees(self) -> str:
         """Score with the trees compiled by lleaves once they equal LightGBM; the new status.
 
@@ -198,8 +206,7 @@ class Predictor:
         thread of its own after the model took traffic. Until it returns, and for good if the
         compiled trees fail their comparison, ``Booster.predict`` scores.
         """
-        sample = self._polars_matrix(sample_records(self.weather, self.planes))
-        trees, status = verified_trees(self.booster, sample, self.num_threads)
+        trees, status = verified_trees(self.booster, self._sample_matrix(), self.num_threads)
         self._trees, self.trees_status = trees, status
         return status
 
