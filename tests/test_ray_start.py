@@ -1,18 +1,32 @@
-"""Starting the local Ray head on a loaded machine: Ray's fixed raylet wait is retried."""
+"""Starting the local Ray head on a loaded machine (Ray's fixed raylet wait is retried), and
+stopping it: nothing of its session is left running."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import stat
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import ray
 
 from mlops_assets.serve import ray_runtime
-from mlops_assets.serve.ray_runtime import LocalRayError, local_ray, start_local_ray, stop_local_ray
+from mlops_assets.serve.ray_runtime import (
+    LocalRayError,
+    local_ray,
+    ray_environment,
+    start_local_ray,
+    stop_local_ray,
+)
+from resources.storage import pid_alive
 
 REAL_RAY = str(Path(sys.executable).parent / "ray")
 OVERLOADED = (
@@ -78,3 +92,111 @@ def test_a_head_that_never_registers_fails_after_the_last_attempt(
         start_local_ray(tmp_path / "ray", num_cpus=1, temp_dir=short_temp)
     assert counter.read_text().strip() == str(ray_runtime.START_ATTEMPTS)
     assert local_ray(tmp_path / "ray") is None
+
+
+# -- stopping: every process of the head's session, Ray's agents included ---------------------
+
+
+def _session(session_id: int) -> list[int]:
+    """Every live process of a session, whatever its environment or working directory."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            pid = int(entry.name) if entry.name.isdigit() else None
+            if pid is not None and os.getsid(pid) == session_id and pid_alive(pid):
+                found.append(pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return sorted(found)
+
+
+# Forks a process that ignores SIGTERM and sleeps, prints its pid and exits (so it has no parent).
+# The fork leaves the worker's process group (Ray kills that group with the worker), not the
+# session.
+ORPHAN = """
+import os, signal, time
+pid = os.fork()
+if pid:
+    print(pid, flush=True)
+    os._exit(0)
+os.setpgid(0, 0)
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+time.sleep(600)
+"""
+
+
+def _title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_stopping_the_head_leaves_no_process_of_its_session_behind(
+    tmp_path: Path, short_temp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopped head once left its ``ray::DashboardAgent`` and ``ray::RuntimeEnvAgent`` running
+    after a test run (parent gone, deaf to SIGTERM). Their process title overwrites the start of
+    their environment, so ``RAY_TMPDIR`` shows there only by chance and the stop did not count
+    them as the head's; and they hung because the stop let Ray's 30 s SIGTERM drain run into
+    our own SIGTERM/SIGKILL passes, which took the GCS down before them.
+
+    Here a detached actor holds a lease through the stop (as Serve's actors do, so a drain could
+    not finish) and has started a process in the head's session that shows no ``RAY_TMPDIR``,
+    has no parent and ignores SIGTERM: an agent in that state. The stop must take it, the real
+    agents and everything else in the session, promptly and without draining.
+    """
+    state_dir = tmp_path / "ray"
+    address = start_local_ray(state_dir, num_cpus=1, temp_dir=short_temp)
+    head = local_ray(state_dir)
+    assert head is not None
+    everything: list[int] = []
+    try:
+        for name, value in ray_environment(short_temp).items():
+            monkeypatch.setenv(name, value)  # the driver agrees with the head (auth, temp dir)
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        try:
+
+            @ray.remote(num_cpus=0)
+            class Spawner:
+                def spawn(self) -> int:
+                    """A grandchild, orphaned at once, in a process group of its own."""
+                    hidden = {"RAY_TMPDIR", "TMPDIR"}
+                    env = {k: v for k, v in os.environ.items() if k not in hidden}
+                    forked = subprocess.run(
+                        [sys.executable, "-c", ORPHAN], env=env, stdin=subprocess.DEVNULL,
+                        capture_output=True, text=True, check=True, timeout=60,
+                    )  # fmt: skip
+                    return int(forked.stdout)
+
+            spawner = Spawner.options(name="spawner", lifetime="detached").remote()
+            stray = ray.get(spawner.spawn.remote(), timeout=120)
+        finally:
+            ray.shutdown()
+        everything = _session(head.session_id)
+        agents = [
+            p for p in everything if _title(p) in ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+        ]
+        assert len(agents) == 2, [(p, _title(p)) for p in everything]
+        assert stray in everything
+        assert f"RAY_TMPDIR={head.temp_dir}".encode() not in Path(
+            f"/proc/{stray}/environ").read_bytes().split(b"\0")  # fmt: skip
+        started = time.monotonic()
+        stopped = stop_local_ray(state_dir)
+        took = time.monotonic() - started
+        print(f"stopped {len(stopped)} processes in {took:.1f}s")
+        left = [(p, _title(p)) for p in _session(head.session_id) if p in everything]
+    finally:
+        stop_local_ray(state_dir)  # nothing to do once stopped (its state file is gone)
+        for pid in _session(head.session_id):  # whatever the stop missed: ours, by session
+            if pid in everything:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert left == [], f"left running after the stop: {left}"
+    assert {stray, *agents} <= set(stopped)
+    assert "Draining for up to" not in Path(head.log_file).read_text(errors="replace")
+    # `ray start` done in a few seconds, then the deaf stray's 5 s grace; a drain alone was 30 s.
+    assert took < 20, f"the stop took {took:.1f}s"

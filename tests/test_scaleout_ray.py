@@ -58,20 +58,23 @@ class Cluster:
     address: str
     session_id: int
     temp_dir: str
+    cwd: str
+    """Where `ray start` ran: every process of the head keeps it (Ray's agents lose the
+    ``RAY_TMPDIR`` entry of their environment to their process title, in about half the starts)."""
 
 
 def _stop_session(cluster: Cluster, timeout_s: float = 10.0) -> None:
     """SIGTERM, then SIGKILL, to the processes of the session our `ray start` created."""
     for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
-        for pid in session_pids(cluster.session_id, cluster.temp_dir):
+        for pid in session_pids(cluster.session_id, cluster.temp_dir, cluster.cwd):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while session_pids(cluster.session_id, cluster.temp_dir):
+        while session_pids(cluster.session_id, cluster.temp_dir, cluster.cwd):
             if time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        if not session_pids(cluster.session_id, cluster.temp_dir):
+        if not session_pids(cluster.session_id, cluster.temp_dir, cluster.cwd):
             return
 
 
@@ -128,9 +131,11 @@ def cluster(home: Path) -> Iterator[Cluster]:
                     # A new session: every process of the head stays in it; we stop exactly those.
                     proc = subprocess.Popen(
                         command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                        start_new_session=True,
+                        start_new_session=True, cwd=home,
                     )  # fmt: skip
-                cluster = Cluster(f"127.0.0.1:{port}", session_id=proc.pid, temp_dir=str(temp_dir))
+                cluster = Cluster(
+                    f"127.0.0.1:{port}", proc.pid, temp_dir=str(temp_dir), cwd=str(home)
+                )
                 if proc.wait(timeout=180) == 0:
                     break
                 _stop_session(cluster)
@@ -145,7 +150,7 @@ def cluster(home: Path) -> Iterator[Cluster]:
             serve_context._set_global_client(None)
             if cluster is not None:
                 _stop_session(cluster)
-                assert session_pids(cluster.session_id, cluster.temp_dir) == []
+                assert session_pids(cluster.session_id, cluster.temp_dir, cluster.cwd) == []
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +258,7 @@ def test_training_runs_on_the_cluster_with_the_same_model_bytes(
     assert compute["mode"] == "ray" and compute["address"] == cluster.address
     # Another process, one the cluster started (its session), not this test process.
     assert compute["pid"] != os.getpid()
-    assert compute["pid"] in session_pids(cluster.session_id, cluster.temp_dir)
+    assert compute["pid"] in session_pids(cluster.session_id, cluster.temp_dir, cluster.cwd)
     assert compute["node_id"] in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert "Ray task on the cluster at " + cluster.address in trained["trained_on"]
     # The same search in this process, then challenger_model's fit on train + valid with what
@@ -333,7 +338,7 @@ def test_serving_deploys_on_the_cluster_and_answers_on_loopback(
         registry, stores["warehouse"], on_cluster, PredictionLogResource(folder=str(log_dir))
     )
     (replica,) = replica_infos(config)
-    assert replica["pid"] in session_pids(cluster.session_id, cluster.temp_dir)
+    assert replica["pid"] in session_pids(cluster.session_id, cluster.temp_dir, cluster.cwd)
     # (Ray reports 127.0.0.1 as the machine's address: compare the port.)
     gcs = ray.get_runtime_context().gcs_address
     assert gcs.rpartition(":")[2] == cluster.address.rpartition(":")[2]

@@ -45,7 +45,7 @@ from mlops_assets.serve.ray_runtime import (
     LocalRayError,
     free_port,
     local_ray,
-    session_pids,
+    local_ray_pids,
     start_local_ray,
     stop_local_ray,
 )
@@ -108,7 +108,7 @@ def ray_serve(home: Path) -> Iterator[RayResource]:
             ray.shutdown()
             stopped = stop_local_ray(resource.state_dir)
             assert head.pid in stopped
-            assert session_pids(head.session_id, head.temp_dir) == []
+            assert local_ray_pids(head) == []  # Ray's agents too (found by cwd)
             assert local_ray(resource.state_dir) is None
 
 

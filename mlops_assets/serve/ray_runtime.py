@@ -12,8 +12,21 @@ later steps and runs reuse it.
 
 ``stop_local_ray(folder)`` stops exactly that head: SIGTERM to the ``ray start --block`` process
 (which shuts down the Ray processes it started), then SIGTERM and finally SIGKILL to anything
-still left in its session (workers, for instance). Nothing else is touched; ``ray stop`` is
-never used because it stops every Ray process of the user on the machine.
+still left in its session (workers, Ray's agents, for instance). Nothing else is touched;
+``ray stop`` is never used because it stops every Ray process of the user on the machine.
+
+A process counts as the head's when it is in the head's session and shows it is ours: our
+``RAY_TMPDIR`` in its environment, or the head's folder as its working directory. The second is
+needed for Ray's agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``): they write their
+process title over the start of their environment block, and as the raylet hands them their
+environment in a random order, ``RAY_TMPDIR`` is gone from their ``/proc/PID/environ`` in about
+half of the starts. They keep the working directory ``ray start`` was given.
+
+The head is started with Ray's SIGTERM drain off (``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0``):
+on one node there is nowhere to drain to, so with anything still leased (Serve's actors) the drain
+only waited its full 30 s and then shut down ungracefully; meanwhile the GCS got stopped before
+the raylet, and agents orphaned by the raylet's SIGKILL hung reporting its death to the dead GCS
+(ignoring SIGTERM). That is how a test run once left both agents running.
 """
 
 from __future__ import annotations
@@ -43,6 +56,12 @@ STATE_FILE = "ray-head.json"
 LOG_FILE = "ray-head.log"
 LOCK_FILE = ".ray-head.lock"
 READY_MARKER = "Ray runtime started"
+# What is left of a head's session once its ``ray start`` has exited is orphaned (nothing else
+# will stop it): it gets SIGTERM at once and SIGKILL this much later.
+ORPHAN_GRACE_S = 5.0
+# Ray 2.60's `ray start --block` drains its node on SIGTERM (for Kubernetes rolling upgrades)
+# for up to 30 s; a single local node has nowhere to move its work to.
+NO_DRAIN = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 # Ray puts Unix sockets under <temp_dir>/session_<timestamp>_<pid>/sockets/…: AF_UNIX paths are
 # limited to 107 bytes, so the temp dir itself must stay short.
 MAX_TEMP_DIR_CHARS = 50
@@ -65,6 +84,11 @@ class LocalRay:
     log_file: str
     env: dict[str, str] = field(default_factory=dict)
     """The ``extra_env`` the head was started with (feature flags such as direct ingress)."""
+
+    @property
+    def folder(self) -> Path:
+        """The head's folder (state, lock, log): the working directory of its processes."""
+        return Path(self.log_file).parent
 
 
 def ray_environment(temp_dir: str | Path) -> dict[str, str]:
@@ -117,13 +141,26 @@ def _environ_has(pid: int, entry: bytes) -> bool:
         return False
 
 
-def session_pids(session_id: int, temp_dir: str | None = None) -> list[int]:
+def _cwd_is(pid: int, folder: str) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd") == folder
+    except OSError:
+        return False
+
+
+def session_pids(
+    session_id: int, temp_dir: str | None = None, cwd: str | Path | None = None
+) -> list[int]:
     """Live processes of the head's session (what it started), optionally only ours for sure.
 
-    With ``temp_dir``, a process counts only if it also carries our ``RAY_TMPDIR`` in its
-    environment (every Ray process inherits it): a recycled session id cannot match.
+    With ``temp_dir`` or ``cwd``, a process counts only if it also shows that it is ours (a
+    recycled session id cannot match): our ``RAY_TMPDIR`` in its environment (every Ray process
+    inherits it), or ``cwd`` as its working directory (every process of a ``ray start`` run in
+    ``cwd`` inherits that). Pass both: the environment of Ray's agents no longer shows
+    ``RAY_TMPDIR`` once they have set their process title, in about half of the starts.
     """
     marker = f"RAY_TMPDIR={temp_dir}".encode() if temp_dir else None
+    folder = str(Path(cwd).resolve()) if cwd is not None else None
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -134,9 +171,16 @@ def session_pids(session_id: int, temp_dir: str | None = None) -> list[int]:
                 continue
         except (ProcessLookupError, PermissionError):
             continue
-        if marker is None or _environ_has(pid, marker):
+        unchecked = marker is None and folder is None
+        by_env = marker is not None and _environ_has(pid, marker)
+        if unchecked or by_env or (folder is not None and _cwd_is(pid, folder)):
             found.append(pid)
     return sorted(found)
+
+
+def local_ray_pids(state: LocalRay) -> list[int]:
+    """Every live process of the head ``state`` records (its session: environment or cwd)."""
+    return session_pids(state.session_id, state.temp_dir, cwd=state.folder)
 
 
 def _port_open(address: str, timeout: float = 1.0) -> bool:
@@ -163,7 +207,7 @@ def local_ray(folder: str | Path) -> LocalRay | None:
     state = _read_state(Path(folder))
     if state is None:
         return None
-    if state.pid in session_pids(state.session_id, state.temp_dir) and _port_open(state.address):
+    if state.pid in local_ray_pids(state) and _port_open(state.address):
         return state
     return None
 
@@ -233,7 +277,7 @@ def _spawn_head(
         "--disable-usage-stats",
         *(f"{flag}={port}" for flag, port in ports.items()),
     ]
-    env = {**os.environ, **ray_environment(tmp), **(extra_env or {})}
+    env = {**os.environ, **ray_environment(tmp), **NO_DRAIN, **(extra_env or {})}
     env.pop("RAY_ADDRESS", None)  # `ray start --head` must not try to join another cluster
     log_path = root / LOG_FILE
     with open(log_path, "ab") as log_file:
@@ -351,37 +395,45 @@ def start_local_ray(
 def stop_local_ray(folder: str | Path, timeout_s: float = 30.0) -> list[int]:
     """Stop the head recorded under ``folder`` and everything in its session; return the PIDs.
 
-    Only processes in the session of the ``ray start`` we launched are signalled.
+    Only processes in the session of the ``ray start`` we launched (and ours by environment or
+    working directory, see :func:`session_pids`) are signalled. The ``ray start`` process gets
+    SIGTERM and shuts down what it started; whatever is still left once it has exited (or at
+    half of ``timeout_s``) gets SIGTERM, then SIGKILL after ``ORPHAN_GRACE_S`` (or at
+    ``timeout_s``): an agent stuck reporting to a GCS that is gone ignores SIGTERM.
     """
     root = Path(folder).resolve()
     state = _read_state(root)
     if state is None:
         return []
-    targets = session_pids(state.session_id, state.temp_dir)
+    targets = local_ray_pids(state)
     if state.pid in targets:
         # `ray start --block` shuts down the processes it started on SIGTERM.
         with contextlib.suppress(ProcessLookupError):
             os.kill(state.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
+    kill_at = deadline
     term_sent_to_rest = False
     while True:
         _reap(state.pid)
-        left = session_pids(state.session_id, state.temp_dir)
+        left = local_ray_pids(state)
+        targets = sorted(set(targets) | set(left))
         if not left:
             break
         now = time.monotonic()
-        if not term_sent_to_rest and now > deadline - timeout_s / 2:
+        orphaned = state.pid not in left  # `ray start` is done: nothing else will stop these
+        if not term_sent_to_rest and (orphaned or now > deadline - timeout_s / 2):
             for pid in left:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
             term_sent_to_rest = True
-        if now > deadline:
+            kill_at = min(deadline, now + ORPHAN_GRACE_S) if orphaned else deadline
+        if now > kill_at:
             for pid in left:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.5)
             _reap(state.pid)
-            remaining = session_pids(state.session_id, state.temp_dir)
+            remaining = local_ray_pids(state)
             if remaining:
                 raise LocalRayError(f"Ray processes {remaining} survived SIGKILL")
             break

@@ -27,7 +27,7 @@ import ray
 from ray import serve
 from realdata import serving_stores, small_lightgbm
 
-from mlops_assets.serve.ray_runtime import local_ray, session_pids, stop_local_ray
+from mlops_assets.serve.ray_runtime import local_ray, local_ray_pids, stop_local_ray
 from resources.ray import RayResource
 from resources.registry import ModelRegistryResource
 from resources.warehouse import WarehouseResource
@@ -107,14 +107,14 @@ def local_head(resource: RayResource) -> Iterator[RayResource]:
             os.environ.clear()
             os.environ.update(saved)
             assert head.pid in stopped
-            assert session_pids(head.session_id, head.temp_dir) == []
+            assert local_ray_pids(head) == []  # Ray's agents too (found by cwd)
 
 
 def head_pids(resource: RayResource) -> list[int]:
-    """Every live process of the local head this test started (its session, its temp dir)."""
+    """Every live process of the local head this test started (its session; its temp dir or cwd)."""
     head = local_ray(resource.state_dir)
     assert head is not None, "the local head is not running"
-    return session_pids(head.session_id, head.temp_dir)
+    return local_ray_pids(head)
 
 
 def replica_actors(app_name: str) -> list[dict[str, Any]]:
