@@ -4,6 +4,7 @@ stopping it: nothing of its session is left running."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -200,3 +201,51 @@ def test_stopping_the_head_leaves_no_process_of_its_session_behind(
     assert "Draining for up to" not in Path(head.log_file).read_text(errors="replace")
     # `ray start` done in a few seconds, then the deaf stray's 5 s grace; a drain alone was 30 s.
     assert took < 20, f"the stop took {took:.1f}s"
+
+
+# -- a driver under `uv run` (the README's commands): its workers run where it runs -----------
+
+DRIVER = """
+import json, os, sys
+from resources.ray import RayResource
+RayResource(state_dir=sys.argv[1], temp_dir=sys.argv[2]).ensure_connected()
+import ray
+
+@ray.remote(num_cpus=0)
+def where():
+    context = ray.get_runtime_context()
+    return {"cwd": os.getcwd(), "prefix": sys.prefix, "runtime_env": context.runtime_env}
+
+print(json.dumps({"driver_prefix": sys.prefix, "worker": ray.get(where.remote(), timeout=120)}))
+"""
+
+
+def test_workers_of_a_driver_under_uv_run_run_in_its_environment(
+    tmp_path: Path, short_temp: Path
+) -> None:
+    """Ray 2.60 hands the workers of a driver started by ``uv run`` a copy of the driver's working
+    directory and starts them with ``uv run`` there, which builds a second virtualenv in Ray's temp
+    dir (and the stop once missed such a worker: it showed neither our ``RAY_TMPDIR`` nor the
+    head's folder). The project turns that off: its workers run in the driver's own virtualenv."""
+    uv = os.environ.get("UV") or shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not installed (the README's commands run under it)")
+    state_dir = tmp_path / "ray"
+    start_local_ray(state_dir, num_cpus=1, temp_dir=short_temp)
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_UV_RUN_RUNTIME_ENV"}
+    try:
+        ran = subprocess.run(
+            [uv, "run", "--frozen", "--no-sync", "python", "-c", DRIVER, str(state_dir),
+             str(short_temp)],
+            cwd=root, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        stop_local_ray(state_dir)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    seen = json.loads(ran.stdout.strip().splitlines()[-1])
+    worker = seen["worker"]
+    assert worker["prefix"] == seen["driver_prefix"]
+    assert "working_dir" not in worker["runtime_env"], worker["runtime_env"]
+    assert "py_executable" not in worker["runtime_env"], worker["runtime_env"]
+    assert not worker["cwd"].startswith(str(short_temp)), worker["cwd"]

@@ -16,11 +16,13 @@ still left in its session (workers, Ray's agents, for instance). Nothing else is
 ``ray stop`` is never used because it stops every Ray process of the user on the machine.
 
 A process counts as the head's when it is in the head's session and shows it is ours: our
-``RAY_TMPDIR`` in its environment, or the head's folder as its working directory. The second is
-needed for Ray's agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``): they write their
-process title over the start of their environment block, and as the raylet hands them their
-environment in a random order, ``RAY_TMPDIR`` is gone from their ``/proc/PID/environ`` in about
-half of the starts. They keep the working directory ``ray start`` was given.
+``RAY_TMPDIR`` in its environment, or as its working directory the head's folder or a folder
+under the head's temp dir (a worker of a job with a ``working_dir`` runs in Ray's copy of it
+there). The working directory is needed for Ray's agents (``ray::DashboardAgent``,
+``ray::RuntimeEnvAgent``): they write their process title over the start of their environment
+block, and as the raylet hands them their environment in a random order, ``RAY_TMPDIR`` is gone
+from their ``/proc/PID/environ`` in about half of the starts. They keep the working directory
+``ray start`` was given.
 
 The head is started with Ray's SIGTERM drain off (``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0``):
 on one node there is nowhere to drain to, so with anything still leased (Serve's actors) the drain
@@ -141,11 +143,13 @@ def _environ_has(pid: int, entry: bytes) -> bool:
         return False
 
 
-def _cwd_is(pid: int, folder: str) -> bool:
+def _cwd_in(pid: int, folder: str | None, tree: str | None) -> bool:
+    """Whether the process works in ``folder`` or anywhere under ``tree``."""
     try:
-        return os.readlink(f"/proc/{pid}/cwd") == folder
+        cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return False
+    return cwd == folder or (tree is not None and (cwd == tree or cwd.startswith(tree + os.sep)))
 
 
 def session_pids(
@@ -155,12 +159,14 @@ def session_pids(
 
     With ``temp_dir`` or ``cwd``, a process counts only if it also shows that it is ours (a
     recycled session id cannot match): our ``RAY_TMPDIR`` in its environment (every Ray process
-    inherits it), or ``cwd`` as its working directory (every process of a ``ray start`` run in
-    ``cwd`` inherits that). Pass both: the environment of Ray's agents no longer shows
-    ``RAY_TMPDIR`` once they have set their process title, in about half of the starts.
+    inherits it), or as its working directory ``cwd`` (every process of a ``ray start`` run in
+    ``cwd`` inherits that) or a folder under ``temp_dir`` (a job's ``working_dir``, unpacked
+    there). Pass both: the environment of Ray's agents no longer shows ``RAY_TMPDIR`` once they
+    have set their process title, in about half of the starts.
     """
     marker = f"RAY_TMPDIR={temp_dir}".encode() if temp_dir else None
     folder = str(Path(cwd).resolve()) if cwd is not None else None
+    tree = str(Path(temp_dir).resolve()) if temp_dir else None
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -173,7 +179,7 @@ def session_pids(
             continue
         unchecked = marker is None and folder is None
         by_env = marker is not None and _environ_has(pid, marker)
-        if unchecked or by_env or (folder is not None and _cwd_is(pid, folder)):
+        if unchecked or by_env or _cwd_in(pid, folder, tree):
             found.append(pid)
     return sorted(found)
 
