@@ -420,7 +420,8 @@ def replay(policy: Policy, features: pl.DataFrame, log: bool = True) -> dict[str
                           newer_months=sorted(learns - champion.trained_on()))  # fmt: skip
         rows[-1] |= {
             "gate": f"{challenger.name} {'PROMOTE' if decision.passed else 'reject'} "
-            f"({decision.details.get('auc_gain', math.nan):+.4f})",
+            f"({decision.details.get('auc_gain', math.nan):+.4f}"
+            f"{', calibration' if 'calibration error' in decision.reason else ''})",
             "challenger": challenger.name,
             "challenger_months": challenger.months,
             "gate_passed": decision.passed,

@@ -42,6 +42,7 @@ def test_sanity_checks_come_first() -> None:
     assert not nan.passed and "NaN" in nan.reason
     uncalibrated = decide(m(0.9, calibration=0.2), m(0.7), BASELINES, RULES)
     assert not uncalibrated.passed and "calibration error 0.2000" in uncalibrated.reason
+    assert uncalibrated.details["auc_gain"] == 0.9 - 0.7  # what the rule cost, in the UI too
     undefined = decide(m(math.nan), m(0.7), BASELINES, RULES)
     assert not undefined.passed and "one class" in undefined.reason
 

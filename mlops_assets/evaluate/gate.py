@@ -73,6 +73,8 @@ def decide(
     auc = challenger["auc"]
     if math.isnan(auc):
         return Decision(False, "reject: AUC undefined (the frozen set has one class)", details)
+    if champion is not None:  # recorded before the calibration rule, which can reject a winner
+        details["auc_gain"] = auc - champion["auc"]
     calibration = challenger.get("calibration_error", math.inf)
     if not calibration <= rules.max_calibration_error:
         return Decision(
@@ -91,8 +93,7 @@ def decide(
                 )
         beaten = ", ".join(f"{name} {m['auc']:.4f}" for name, m in baselines.items())
         return Decision(True, f"promote: first model; AUC {auc:.4f} beats {beaten}", details)
-    gain = auc - champion["auc"]
-    details["auc_gain"] = gain
+    gain = details["auc_gain"]
     margin = rules.min_auc_gain_newer_data if newer_months else rules.min_auc_gain
     why = (
         f"; it learns from {', '.join(newer_months)}, which the champion has not"
