@@ -136,6 +136,32 @@ def _title(pid: int) -> str:
         return ""
 
 
+@ray.remote(num_cpus=0)
+class Spawner:
+    def spawn(self) -> int:
+        """A grandchild, orphaned at once, in a process group of its own."""
+        hidden = {"RAY_TMPDIR", "TMPDIR"}
+        env = {k: v for k, v in os.environ.items() if k not in hidden}
+        forked = subprocess.run(
+            [sys.executable, "-c", ORPHAN], env=env, stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        return int(forked.stdout)
+
+
+def _orphan_from_a_detached_actor(
+    address: str, name: str, runtime_env: dict[str, str] | None = None
+) -> int:
+    """The orphan's PID, forked by a detached actor of a job (with ``runtime_env``) that ends."""
+    ray.init(address=address, runtime_env=runtime_env, log_to_driver=False,
+             configure_logging=False)  # fmt: skip
+    try:
+        spawner = Spawner.options(name=name, lifetime="detached").remote()
+        return ray.get(spawner.spawn.remote(), timeout=120)
+    finally:
+        ray.shutdown()
+
+
 def test_stopping_the_head_leaves_no_process_of_its_session_behind(
     tmp_path: Path, short_temp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -147,8 +173,9 @@ def test_stopping_the_head_leaves_no_process_of_its_session_behind(
 
     Here a detached actor holds a lease through the stop (as Serve's actors do, so a drain could
     not finish) and has started a process in the head's session that shows no ``RAY_TMPDIR``,
-    has no parent and ignores SIGTERM: an agent in that state. The stop must take it, the real
-    agents and everything else in the session, promptly and without draining.
+    has no parent and ignores SIGTERM: an agent in that state. A second one does the same from
+    a job with a ``working_dir`` (what CI's ``uv run`` once gave every worker). The stop must
+    take both, the real agents and everything else in the session, promptly, without draining.
     """
     state_dir = tmp_path / "ray"
     address = start_local_ray(state_dir, num_cpus=1, temp_dir=short_temp)
@@ -158,33 +185,23 @@ def test_stopping_the_head_leaves_no_process_of_its_session_behind(
     try:
         for name, value in ray_environment(short_temp).items():
             monkeypatch.setenv(name, value)  # the driver agrees with the head (auth, temp dir)
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
-        try:
-
-            @ray.remote(num_cpus=0)
-            class Spawner:
-                def spawn(self) -> int:
-                    """A grandchild, orphaned at once, in a process group of its own."""
-                    hidden = {"RAY_TMPDIR", "TMPDIR"}
-                    env = {k: v for k, v in os.environ.items() if k not in hidden}
-                    forked = subprocess.run(
-                        [sys.executable, "-c", ORPHAN], env=env, stdin=subprocess.DEVNULL,
-                        capture_output=True, text=True, check=True, timeout=60,
-                    )  # fmt: skip
-                    return int(forked.stdout)
-
-            spawner = Spawner.options(name="spawner", lifetime="detached").remote()
-            stray = ray.get(spawner.spawn.remote(), timeout=120)
-        finally:
-            ray.shutdown()
+        stray = _orphan_from_a_detached_actor(address, "spawner")
+        # A job's `working_dir` runs its workers in Ray's copy under the temp dir: the stray
+        # they start shows neither our RAY_TMPDIR nor the head's folder.
+        job = tmp_path / "job"
+        job.mkdir()
+        (job / "note.txt").write_text("a working_dir")
+        unpacked = _orphan_from_a_detached_actor(address, "packaged", {"working_dir": str(job)})
         everything = _session(head.session_id)
         agents = [
             p for p in everything if _title(p) in ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
         ]
         assert len(agents) == 2, [(p, _title(p)) for p in everything]
-        assert stray in everything
-        assert f"RAY_TMPDIR={head.temp_dir}".encode() not in Path(
-            f"/proc/{stray}/environ").read_bytes().split(b"\0")  # fmt: skip
+        assert {stray, unpacked} <= set(everything)
+        for pid in (stray, unpacked):
+            assert f"RAY_TMPDIR={head.temp_dir}".encode() not in Path(
+                f"/proc/{pid}/environ").read_bytes().split(b"\0")  # fmt: skip
+        assert os.readlink(f"/proc/{unpacked}/cwd").startswith(str(short_temp.resolve()))
         started = time.monotonic()
         stopped = stop_local_ray(state_dir)
         took = time.monotonic() - started
@@ -197,7 +214,7 @@ def test_stopping_the_head_leaves_no_process_of_its_session_behind(
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
     assert left == [], f"left running after the stop: {left}"
-    assert {stray, *agents} <= set(stopped)
+    assert {stray, unpacked, *agents} <= set(stopped)
     assert "Draining for up to" not in Path(head.log_file).read_text(errors="replace")
     # `ray start` done in a few seconds, then the deaf stray's 5 s grace; a drain alone was 30 s.
     assert took < 20, f"the stop took {took:.1f}s"
